@@ -1,0 +1,33 @@
+# make setup   create .venv and install everything (idempotent)
+# make test    run the whole test suite (what CI runs)
+# make demo    run the whole pipeline on the CPU recipe
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+# CPU wheel here; on a CUDA machine e.g.: make setup TORCH_SPEC=torch==2.6.0 TORCH_INDEX=https://download.pytorch.org/whl/cu124
+TORCH_INDEX ?=
+RECIPE ?= cpu
+export ECG_RAW_DIR ?= $(if $(wildcard data/raw/ECG-Expert-QA),data/raw/ECG-Expert-QA,../shared/ECG-Expert-QA)
+
+.PHONY: setup test test-fast demo clean
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: requirements.txt requirements-offline.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
+	touch $@
+
+test: setup
+	$(PY) -m pytest -m "slow or not slow" -q
+
+test-fast: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	RECIPE=$(RECIPE) PYTHON=$(PY) bash scripts/run_pipeline.sh
+
+clean:
+	rm -rf data/processed models/sft models/reward models/rlhf reports

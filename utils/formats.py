@@ -1,0 +1,71 @@
+"""Answer formats: how a completion is laid out, shared by SFT targets, rewards, evaluation and chat.
+
+* ``plain``: the whole completion is the answer.
+* ``reasoning``: a short reasoning section, then the answer::
+
+      <think>
+      The patient asks whether ...
+      </think>
+      Yes, you have the right to ...
+
+Every reward and metric reads ``parse(text, fmt).answer``, so what SFT teaches, what GRPO rewards and
+what evaluation measures is the same part of the text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+FORMATS = ("plain", "reasoning")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_REASONING = re.compile(r"^\s*<think>\s*(?P<r>.*?)\s*</think>\s*(?P<a>.*)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    answer: str          # what rewards and metrics read
+    reasoning: str | None
+    well_formed: bool    # the completion follows the format exactly
+
+
+def parse(text: str, fmt: str = "plain") -> Parsed:
+    """Split a completion into reasoning and answer.
+
+    >>> parse("<think>\\nQT is long.\\n</think>\\nYes, it is prolonged.", "reasoning")
+    Parsed(answer='Yes, it is prolonged.', reasoning='QT is long.', well_formed=True)
+    >>> parse("Yes, it is prolonged.", "reasoning").well_formed
+    False
+    """
+    if text is None:
+        text = ""
+    if fmt == "plain":
+        stray = THINK_OPEN in text or THINK_CLOSE in text
+        return Parsed(text.strip(), None, bool(text.strip()) and not stray)
+    if fmt == "reasoning":
+        m = _REASONING.match(text)
+        if m:
+            answer, reasoning = m.group("a").strip(), m.group("r").strip()
+            ok = bool(answer) and bool(reasoning) and THINK_OPEN not in answer and THINK_CLOSE not in answer
+            return Parsed(answer, reasoning, ok)
+        # An unclosed <think> means the answer never came (usually a completion cut at max length).
+        if THINK_OPEN in text:
+            return Parsed("", text.split(THINK_OPEN, 1)[1].strip(), False)
+        return Parsed(text.strip(), None, False)
+    raise ValueError(f"unknown answer format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def render(answer: str, fmt: str = "plain", reasoning: str | None = None) -> str:
+    """The target text for an answer in the given format (the inverse of :func:`parse`)."""
+    if fmt == "plain":
+        return answer.strip()
+    if fmt == "reasoning":
+        return f"{THINK_OPEN}\n{(reasoning or '').strip()}\n{THINK_CLOSE}\n{answer.strip()}"
+    raise ValueError(f"unknown answer format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+FORMAT_INSTRUCTIONS = {
+    "plain": "",
+    "reasoning": (" First think briefly inside <think> and </think> tags, then give the answer after the "
+                  "closing tag."),
+}
