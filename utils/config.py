@@ -57,13 +57,17 @@ def probability(x) -> bool:
 
 
 def fld(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence | None = None,
-        check: tuple[Callable[[Any], bool], str] | None = None, default_factory: Any = dataclasses.MISSING):
+        check: tuple[Callable[[Any], bool], str] | None = None, default_factory: Any = dataclasses.MISSING,
+        const: Any = None):
     """A dataclass field with help text and an optional value check.
 
     ``check`` is ``(predicate, description)``; the description finishes the sentence
-    "expected ...", e.g. ``(positive, "a number > 0")``.
+    "expected ...", e.g. ``(positive, "a number > 0")``. ``const`` is the value the flag takes when
+    given without one (``--resume`` alone meaning ``--resume auto``).
     """
     meta = {"help": help}
+    if const is not None:
+        meta["const"] = const
     if choices is not None:
         meta["choices"] = list(choices)
     if check is not None:
@@ -229,6 +233,9 @@ def build_parser(cls, description: str | None = None, prog: str | None = None) -
                            help=help_text.replace("%", "%%"), metavar="BOOL")
             p.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_const",
                            const="false", help=argparse.SUPPRESS)
+        elif "const" in f.metadata:
+            p.add_argument(*flags, dest=name, nargs="?", const=f.metadata["const"], default=None,
+                           help=help_text.replace("%", "%%"), metavar="VALUE")
         else:
             p.add_argument(*flags, dest=name, default=None, help=help_text.replace("%", "%%"), metavar="VALUE")
     return p

@@ -490,8 +490,8 @@ def split_records(records: list[dict], val_fraction: float, test_fraction: float
             out[target].extend(records[i] for i in idxs)
     for k in out:
         out[k].sort(key=lambda r: r["id"])
-    for r in records:
-        r["group"] = None
+        for r in out[k]:
+            r["split"] = k
     for i, g in enumerate(groups):
         records[i]["group"] = f"g{g}"
     return out
