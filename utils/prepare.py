@@ -118,7 +118,8 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     }
     for name, rows in files.items():
         write_jsonl(out_dir / name, rows)
-    card = data_card(cfg, report, splits, records, files, time.time() - started)
+    card = data_card(cfg, report, splits, records, files)
+    card["seconds"] = round(time.time() - started, 2)
     (out_dir / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False), encoding="utf-8")
     (out_dir / "data_card.md").write_text(card_markdown(card), encoding="utf-8")
     dump_yaml(cfg, out_dir / "prepare_config.yaml")
@@ -127,7 +128,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     return card
 
 
-def data_card(cfg, report, splits, records, files, seconds) -> dict:
+def data_card(cfg, report, splits, records, files) -> dict:
     per_task = {}
     for split, rows in splits.items():
         for r in rows:
@@ -150,7 +151,6 @@ def data_card(cfg, report, splits, records, files, seconds) -> dict:
                    "followup": sum(1 for r in records if r["label_followup"]),
                    "with_numbers": sum(1 for r in records if r["numbers"])},
         "outputs": {k: len(v) for k, v in files.items()},
-        "seconds": round(seconds, 2),
     }
     if cfg.tokenizer:
         card["token_lengths"] = token_lengths(records, cfg.tokenizer)
