@@ -7,6 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 # CPU wheel here; on a CUDA machine e.g.: make setup TORCH_SPEC=torch==2.6.0 TORCH_INDEX=https://download.pytorch.org/whl/cu124
 TORCH_INDEX ?=
 RECIPE ?= cpu
+RAW_DIR ?=
+REDO ?=
 export ECG_RAW_DIR ?= $(if $(wildcard data/raw/ECG-Expert-QA),data/raw/ECG-Expert-QA,../shared/ECG-Expert-QA)
 
 .PHONY: setup test test-fast demo clean
@@ -27,7 +29,7 @@ test-fast: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	RECIPE=$(RECIPE) PYTHON=$(PY) bash scripts/run_pipeline.sh
+	RECIPE=$(RECIPE) PYTHON=$(PY) RAW_DIR=$(RAW_DIR) REDO=$(REDO) bash scripts/run_pipeline.sh
 
 clean:
 	rm -rf data/processed models/sft models/reward models/rlhf reports
