@@ -1,0 +1,458 @@
+"""Training helpers shared by the SFT and GRPO phases.
+
+* :class:`TrainConfig`: the config fields every training phase has (model, precision, LoRA/QLoRA,
+  batch sizes, schedule, logging, checkpoints, resume, final save). A phase's config subclasses it
+  and names its TRL config class in ``TRL_CONFIG`` so that ``trainer_extra`` keys are checked at load.
+* :func:`trl_args`: the TRL config (``SFTConfig``, ``GRPOConfig``) built from a :class:`TrainConfig`
+  plus the phase's own arguments: CPU when there is no CUDA, bf16 where the GPU has it, TensorBoard
+  (and W&B) logging, checkpoints every N steps, ``trainer_extra`` last.
+* :func:`lora_config`, :func:`quantization_config`, :func:`load_train_model`: the PEFT adapter, the
+  bitsandbytes 4/8-bit settings (QLoRA), and the model loaded for training.
+* :func:`resume_checkpoint`: ``resume: auto | never | PATH`` against the run folder's checkpoints.
+* :func:`save_final`: adapter + tokenizer + resolved config + metrics + model card (+ merged weights),
+  written through :func:`utils.models.atomic_save` so an interrupted save never looks complete.
+
+Checkpoints and TensorBoard logs live in the run folder (``runs/<phase>/``); the finished model goes
+to ``output_dir`` (``models/<phase>/``), which only ever holds a complete model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import logging
+import os
+import re
+import resource
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from utils.config import UserError, dump_yaml, fld, fraction, non_negative, positive, to_dict
+from utils.formats import FORMATS
+
+log = logging.getLogger(__name__)
+
+# Several processes share a CPU machine's cores here: OpenMP threads that spin while they wait then
+# steal each other's time (measured: 2 threads 3-4x slower than 1 under load, and 1.5x faster than 1
+# once they wait passively). The policy is read when torch loads its OpenMP runtime, so it is set at
+# import, before the phase scripts import torch; a value set by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+RUN_CONFIG = "run_config.yaml"      # in the run folder: what the checkpoints there were trained with
+TRAIN_CONFIG = "train_config.yaml"  # in the final model folder: the resolved config of the run
+METRICS = "metrics.json"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Keys that may change between a run and its resumption without making the checkpoints stale.
+RESUME_NEUTRAL = {"resume", "merge", "output_dir", "report_to", "wandb_project", "run_name", "logging_steps",
+                  "save_steps", "save_total_limit", "eval_steps", "num_threads", "eval_on_start"}
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _resume_value(x) -> bool:
+    return isinstance(x, str) and bool(x.strip())
+
+
+@dataclass
+class TrainConfig:
+    """Fields common to every training phase (see the module docstring)."""
+
+    TRL_CONFIG: ClassVar[str] = "SFTConfig"  # the trl class whose fields trainer_extra may set
+
+    # ---- model
+    base_model: str = fld("smollm2-135m-instruct", "The recipe's base model: smollm2-135m-instruct, a folder or "
+                          "a Hub id such as meta-llama/Llama-3.2-3B-Instruct.")
+    precision: str = fld("auto", "Training precision. auto: bf16 on a GPU that has it, else fp16 on CUDA; fp32 on "
+                         "CPU.", choices=["auto", "bf16", "fp16", "fp32"])
+    quantization: str = fld("none", "Load the frozen base in 4 or 8 bits through bitsandbytes (QLoRA; CUDA only).",
+                            choices=["none", "4bit", "8bit"])
+    bnb_4bit_quant_type: str = fld("nf4", "4-bit data type (nf4 is the QLoRA paper's).", choices=["nf4", "fp4"])
+    bnb_double_quant: bool = fld(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    # ---- adapter
+    adapter: str = fld("lora", "lora: train a LoRA adapter on the frozen base; none: train every weight "
+                       "(not with quantization).", choices=["lora", "none"])
+    lora_r: int = fld(16, "LoRA rank.", check=(positive, "an integer > 0"))
+    lora_alpha: int = fld(32, "LoRA scaling numerator (the update is scaled by alpha / r).",
+                          check=(positive, "an integer > 0"))
+    lora_dropout: float = fld(0.05, "Dropout on the LoRA input.", check=(fraction, "a fraction in [0, 1)"))
+    lora_target_modules: list[str] = fld(help="Module names that get LoRA weights, or [all-linear].",
+                                         default_factory=lambda: ["all-linear"])
+    # ---- answer format
+    answer_format: str = fld("plain", "Answer layout the model learns and is asked for (see utils/formats.py).",
+                             choices=list(FORMATS))
+    # ---- optimisation
+    seed: int = fld(42, "Seed for adapter initialisation, data order and dropout.")
+    learning_rate: float = fld(2e-4, "Peak learning rate.", check=(positive, "a number > 0"))
+    lr_scheduler: str = fld("cosine", "Learning-rate schedule after warm-up.",
+                            choices=["linear", "cosine", "constant", "constant_with_warmup"])
+    warmup_ratio: float = fld(0.05, "Share of the steps spent warming the learning rate up.",
+                              check=(fraction, "a fraction in [0, 1)"))
+    weight_decay: float = fld(0.0, "AdamW weight decay.", check=(non_negative, "a number >= 0"))
+    max_grad_norm: float = fld(1.0, "Gradient clipping norm.", check=(positive, "a number > 0"))
+    epochs: float = fld(1.0, "Passes over the training set (ignored when max_steps is set).",
+                        check=(positive, "a number > 0"))
+    max_steps: int = fld(-1, "Optimizer steps to train; -1: as many as `epochs` take.",
+                         check=(lambda x: x == -1 or x > 0, "-1 or an integer > 0"))
+    batch_size: int = fld(16, "Examples per optimizer step, over all devices (the effective batch).",
+                          check=(positive, "an integer > 0"))
+    per_device_batch_size: int = fld(4, "Examples per forward pass on one device; batch_size / (this x devices) "
+                                     "is the gradient accumulation.", check=(positive, "an integer > 0"))
+    eval_batch_size: int = fld(0, "Examples per evaluation forward pass; 0: per_device_batch_size.",
+                               check=(non_negative, "an integer >= 0"))
+    gradient_checkpointing: bool = fld(False, "Recompute activations in the backward pass: less memory, ~20-30% "
+                                       "slower.")
+    num_threads: int = fld(0, "CPU threads for torch; 0: torch's default.", check=(non_negative, "an integer >= 0"))
+    # ---- logging, checkpoints
+    logging_steps: int = fld(10, "Log the training loss every N steps.", check=(positive, "an integer > 0"))
+    eval_steps: int = fld(50, "Evaluate on the validation split every N steps.", check=(positive, "an integer > 0"))
+    eval_on_start: bool = fld(True, "Evaluate once before the first step (the baseline the run improves on).")
+    save_steps: int = fld(50, "Write a checkpoint every N steps.", check=(positive, "an integer > 0"))
+    save_total_limit: int = fld(2, "Checkpoints kept in the run folder (oldest removed first).",
+                                check=(positive, "an integer > 0"))
+    report_to: list[str] = fld(help="Where metrics go besides the console: tensorboard, wandb (needs `pip install "
+                               "wandb` and a login).", choices=["tensorboard", "wandb"],
+                               default_factory=lambda: ["tensorboard"])
+    wandb_project: str = fld("ecg-grpo", "W&B project, when report_to has wandb.")
+    run_name: str = fld("", "Name of the run in TensorBoard / W&B; empty: the phase and the time.")
+    # ---- folders, resume, final save
+    run_dir: str = fld("runs/train", "Checkpoints and TensorBoard logs of the run.")
+    output_dir: str = fld("models/train", "The finished model folder.")
+    resume: str = fld("auto", "auto: continue from the run folder's last checkpoint when it was made with the same "
+                      "settings; never: start afresh (old checkpoints are removed); or a checkpoint folder. "
+                      "`--resume` alone means auto.", check=(_resume_value, "auto, never or a checkpoint folder"),
+                      const="auto")
+    merge: bool = fld(False, "Also write the adapter merged into the base (output_dir/merged): a plain model that "
+                      "loads and generates faster.")
+    trainer_extra: dict[str, Any] = fld(help="Extra keys passed as they are to the TRL config (checked against its "
+                                        "field names at load).", default_factory=dict)
+
+    def __post_init__(self):
+        if self.batch_size % self.per_device_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of per_device_batch_size "
+                             f"{self.per_device_batch_size}; expected batch_size = per_device_batch_size x "
+                             "gradient accumulation steps")
+        if self.quantization != "none" and self.adapter != "lora":
+            raise ValueError(f"quantization {self.quantization} trains an adapter on a frozen quantized base; "
+                             "expected adapter: lora")
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules is empty; expected module names or [all-linear]")
+        check_trainer_extra(self.trainer_extra, trl_config_class(self.TRL_CONFIG))
+
+    def trl_config_class(self):
+        return trl_config_class(self.TRL_CONFIG)
+
+
+def trl_config_class(name: str):
+    import trl
+
+    return getattr(trl, name)
+
+
+def check_trainer_extra(extra: dict, trl_cls) -> None:
+    """Refuse a ``trainer_extra`` key that the TRL config class does not have (a typo would be ignored)."""
+    names = {f.name for f in dataclasses.fields(trl_cls)}
+    for key in extra:
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"trainer_extra: '{key}' is not a {trl_cls.__name__} field{hint}")
+
+
+# ============================================================================= precision, devices
+def world_size() -> int:
+    """Processes of this run (accelerate / torchrun set WORLD_SIZE; a plain `python` run is 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gradient_accumulation(cfg: TrainConfig) -> int:
+    per_step = cfg.per_device_batch_size * world_size()
+    if cfg.batch_size % per_step:
+        raise UserError(f"batch_size {cfg.batch_size} is not a multiple of per_device_batch_size "
+                        f"{cfg.per_device_batch_size} x {world_size()} processes; change batch_size or "
+                        "per_device_batch_size")
+    return cfg.batch_size // per_step
+
+
+def precision_flags(cfg: TrainConfig) -> tuple[bool, bool, str]:
+    """``(bf16, fp16, load_dtype)``: mixed-precision flags for the TRL config and the dtype to load the
+    base in. On CPU ``auto`` is fp32: without native bf16 matrix units (AVX512-BF16/AMX) bf16 autocast
+    is slower there, not faster."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    p = cfg.precision
+    if p == "auto":
+        p = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if p == "fp16" and not cuda:
+        raise UserError("precision: fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
+    if p == "bf16":
+        # Frozen LoRA bases load in bf16 (half the memory); full fine-tuning keeps fp32 master weights.
+        return True, False, "bfloat16" if cfg.adapter == "lora" else "float32"
+    if p == "fp16":
+        return False, True, "float16" if cfg.adapter == "lora" else "float32"
+    return False, False, "float32"
+
+
+def configure_threads(cfg: TrainConfig) -> None:
+    if cfg.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.num_threads)
+
+
+# ============================================================================= PEFT, quantization, model
+def lora_config(cfg: TrainConfig):
+    """The PEFT LoRA config of the recipe, or None for full fine-tuning."""
+    if cfg.adapter != "lora":
+        return None
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules
+    target = "all-linear" if targets == ["all-linear"] else list(targets)
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def quantization_config(cfg: TrainConfig):
+    """bitsandbytes settings for QLoRA, or None. Refused without CUDA: bitsandbytes' kernels are GPU kernels."""
+    if cfg.quantization == "none":
+        return None
+    if not has_cuda():
+        raise UserError(f"quantization: {cfg.quantization} needs a CUDA GPU (bitsandbytes); set quantization: none "
+                        "to train on this machine")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"quantization: {cfg.quantization} needs bitsandbytes; run `pip install bitsandbytes`")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    bf16, _, _ = precision_flags(cfg)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=cfg.bnb_double_quant,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16)
+
+
+def hub_hint(ref: str) -> str:
+    return (f"; {ref} is downloaded from the Hugging Face Hub on first use: check the name and the network, "
+            "accept the model's license and run `huggingface-cli login` for gated models (meta-llama), or set "
+            "base_model to a local folder")
+
+
+def load_train_tokenizer(cfg: TrainConfig, ref: str):
+    """The tokenizer of the model ``ref``, with a pad token; one line naming the model if it cannot load."""
+    from utils.models import ModelNotFound, load_tokenizer, resolve_model
+
+    path = resolve_model(ref, cfg.base_model)
+    try:
+        return load_tokenizer(path)
+    except OSError as e:
+        hint = hub_hint(path) if not Path(path).exists() else ""
+        raise ModelNotFound(f"{ref}: could not load its tokenizer ({str(e).splitlines()[0]}){hint}") from None
+
+
+def load_train_model(cfg: TrainConfig, ref: str):
+    """The model to train, in the dtype :func:`precision_flags` picks; quantized and prepared for k-bit
+    training when the config asks (QLoRA). The LoRA adapter itself is added by the TRL trainer."""
+    from utils.models import load_causal_lm
+
+    _, _, dtype = precision_flags(cfg)
+    bnb = quantization_config(cfg)
+    device_map = None
+    if bnb is not None:
+        # A quantized model cannot be moved after loading: put each process's copy on its own GPU.
+        from accelerate import PartialState
+
+        device_map = {"": PartialState().local_process_index}
+    # An adapter folder (e.g. GRPO starting from models/sft) is merged into its base: the phase then
+    # trains a fresh adapter on top of the merged weights.
+    model = load_causal_lm(ref, cfg.base_model, dtype=dtype, merge=True, device_map=device_map,
+                           quantization_config=bnb)
+    if bnb is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    # The KV cache only serves generation; during training it costs memory and warns with checkpointing.
+    model.config.use_cache = False
+    return model
+
+
+# ============================================================================= TRL arguments
+def trl_args(cfg: TrainConfig, run_name: str, **phase_args):
+    """The TRL config for ``cfg`` (class ``cfg.TRL_CONFIG``): the common settings, then the phase's own
+    ``phase_args``, then ``cfg.trainer_extra`` (which wins, and is logged)."""
+    cls = cfg.trl_config_class()
+    bf16, fp16, _ = precision_flags(cfg)
+    report = list(cfg.report_to)
+    if "wandb" in report:
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("report_to: wandb needs the wandb package; run `pip install wandb` and `wandb login`, "
+                            "or drop wandb from report_to")
+        os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
+    cuda = has_cuda()
+    kwargs: dict[str, Any] = dict(
+        output_dir=cfg.run_dir, run_name=run_name, seed=cfg.seed, data_seed=cfg.seed,
+        use_cpu=not cuda, bf16=bf16, fp16=fp16,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size or cfg.per_device_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(cfg),
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=float(cfg.warmup_ratio),  # a float below 1 is a share of the steps
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        # transformers 5 calls gradient checkpointing "activation checkpointing" (the old name still works).
+        activation_checkpointing=cfg.gradient_checkpointing,
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) without the input-grad hook.
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        logging_strategy="steps", logging_steps=cfg.logging_steps, logging_first_step=True,
+        eval_strategy="steps", eval_steps=cfg.eval_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        report_to=report or "none", include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=cuda, disable_tqdm=False,
+    )
+    kwargs.update(phase_args)
+    for key, value in cfg.trainer_extra.items():
+        if key in kwargs and kwargs[key] != value:
+            log.info("trainer_extra overrides %s: %r -> %r", key, kwargs[key], value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+# ============================================================================= run folder and resume
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``run_dir``, oldest first. The Trainer writes trainer_state.json last, so a
+    checkpoint killed while being written lacks it and is skipped."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if p.is_dir() and (m := CHECKPOINT.match(p.name)) and (p / "trainer_state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def _fingerprint(cfg) -> dict:
+    return {k: v for k, v in to_dict(cfg).items() if k not in RESUME_NEUTRAL}
+
+
+def resume_checkpoint(cfg: TrainConfig) -> str | None:
+    """The checkpoint to continue from, per ``cfg.resume``, after preparing the run folder.
+
+    * ``auto``: the last complete checkpoint when the run folder's config matches this one (apart from
+      logging and output keys); otherwise start afresh.
+    * ``never``: start afresh.
+    * a folder: that checkpoint (it must be complete).
+
+    Starting afresh removes the run folder's old checkpoints, so that the Trainer's rotation never mixes
+    two runs. The current config is written to the run folder for the next resumption to compare with.
+    """
+    run_dir = Path(cfg.run_dir)
+    chosen: str | None = None
+    if cfg.resume not in ("auto", "never"):
+        path = Path(cfg.resume)
+        if not path.is_dir():
+            raise UserError(f"resume: {path} is not a folder; expected auto, never or a checkpoint folder")
+        if not (path / "trainer_state.json").is_file():
+            raise UserError(f"resume: {path} is not a complete checkpoint (no trainer_state.json)")
+        chosen = str(path)
+    elif cfg.resume == "auto":
+        found = checkpoints(run_dir)
+        if found:
+            saved = run_dir / RUN_CONFIG
+            old = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else None
+            if old is not None and {k: v for k, v in old.items() if k not in RESUME_NEUTRAL} == _fingerprint(cfg):
+                chosen = str(found[-1])
+            else:
+                changed = sorted(k for k in _fingerprint(cfg) if old is None or old.get(k) != getattr(cfg, k))
+                log.warning("%s: the checkpoints there were made with other settings (%s); starting afresh "
+                            "(pass --resume %s to continue anyway)", run_dir, ", ".join(changed[:5]) or "unknown",
+                            found[-1])
+    if chosen is None:
+        stale = [p for p in run_dir.glob("checkpoint-*") if p.is_dir()] if run_dir.is_dir() else []
+        if stale:
+            log.info("removing %d old checkpoint(s) from %s", len(stale), run_dir)
+            for p in stale:
+                shutil.rmtree(p)
+    else:
+        log.info("resuming from %s", chosen)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, run_dir / RUN_CONFIG)
+    return chosen
+
+
+# ============================================================================= final save
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
+
+
+def training_metrics(trainer, extra: dict | None = None) -> dict:
+    """Final metrics: the train summary, the eval-loss curve, and anything the phase adds."""
+    state = trainer.state
+    history = state.log_history
+    evals = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
+    train_logs = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
+    summary = next((h for h in reversed(history) if "train_runtime" in h), {})
+    out = {"global_step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
+           "num_input_tokens_seen": state.num_input_tokens_seen,
+           "train": {k: v for k, v in summary.items() if k != "step"},
+           "eval_loss": evals, "train_loss": train_logs, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if evals:
+        out["eval_loss_first"], out["eval_loss_last"] = evals[0]["eval_loss"], evals[-1]["eval_loss"]
+    out.update(extra or {})
+    return out
+
+
+def save_final(model, tokenizer, cfg: TrainConfig, metrics: dict, card: str, base_ref: str | None = None) -> Path:
+    """Write ``cfg.output_dir``: weights (the adapter, or the full model), tokenizer, ``train_config.yaml``,
+    ``metrics.json``, ``README.md``; with ``cfg.merge`` also ``merged/`` (the adapter merged into a fresh copy
+    of its base, in the training dtype). Everything goes to a temporary sibling first and is renamed into
+    place with its completion marker, so a folder that looks finished is finished."""
+    from utils.models import atomic_save, mark_complete
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        dump_yaml(cfg, tmp / TRAIN_CONFIG)
+        (tmp / METRICS).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        if cfg.merge and cfg.adapter == "lora":
+            merged = tmp / "merged"
+            _merge_into_base(tmp, merged, base_ref or cfg.base_model, cfg)
+            tokenizer.save_pretrained(merged)
+            mark_complete(merged)
+
+    out = atomic_save(Path(cfg.output_dir), write)
+    log.info("saved %s", out)
+    return out
+
+
+def _merge_into_base(adapter_dir: Path, out: Path, base_ref: str, cfg: TrainConfig) -> None:
+    """Merge a saved adapter into an unquantized copy of its base (a 4-bit base cannot hold the merge)."""
+    from peft import PeftModel
+
+    from utils.models import load_causal_lm
+
+    _, _, dtype = precision_flags(cfg)
+    base = load_causal_lm(base_ref, dtype="float32" if dtype == "float32" else "bfloat16")
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out)
+
+
+def read_train_config(folder: str | Path) -> dict | None:
+    """The resolved config a model folder was trained with (e.g. its ``answer_format``), or None."""
+    path = Path(folder) / TRAIN_CONFIG
+    if not path.is_file():
+        return None
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
