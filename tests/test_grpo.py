@@ -1,0 +1,386 @@
+"""GRPO phase: config errors, the faster generation, the held-out bookkeeping, and real runs of
+grpo_train.py on the tiny Llama (through the command line, killed and resumed, two processes on gloo)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from utils.cli import run
+from utils.config import ConfigError, load_config
+
+import grpo_train
+from utils.grpo import GRPOTrainConfig, _prepare_run_dir, heldout_summary, paired_change, samples_markdown
+
+TINY_REWARDS = {"format": 0.5, "length": 1.0, "rouge": 1.0, "yesno": 1.0}
+
+
+# ============================================================================= helpers
+def make_sft_adapter(base: Path, out: Path, answer_format: str = "plain") -> Path:
+    """A LoRA adapter on the tiny Llama saved the way sft_train.py saves one (non-zero, so it changes the model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils.models import mark_complete
+
+    if (out / ".complete").is_file():
+        return out
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    (out / "train_config.yaml").write_text(f"answer_format: {answer_format}\n")
+    mark_complete(out)
+    return out
+
+
+def tiny_config(tmp_path: Path, tiny: Path, processed: Path, **over) -> Path:
+    """A GRPO recipe for the tiny Llama and the fixture data; the run's folders under tmp_path."""
+    cfg = {"base_model": str(tiny), "policy": "base", "data_dir": str(processed), "rewards": TINY_REWARDS,
+           "num_generations": 2, "batch_size": 4, "per_device_batch_size": 4, "max_completion_length": 6,
+           "max_steps": 2, "learning_rate": 1e-3, "heldout_prompts": 3, "eval_steps": 1, "eval_batch_size": 4,
+           "sample_steps": 1, "logging_steps": 1, "save_steps": 1, "report_to": ["tensorboard"],
+           "run_dir": str(tmp_path / "run"), "output_dir": str(tmp_path / "out"), "lora_r": 4, "lora_alpha": 8}
+    cfg.update(over)
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def script_env(tmp_path: Path) -> dict:
+    return {**os.environ, "ECG_MODELS_DIR": str(tmp_path / "models"), "PYTHONPATH": str(ROOT),
+            "ECG_LOG_LEVEL": "INFO", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """grpo_train.py in this process (imports once, unlike a subprocess): exit code and its error line(s)."""
+    code = run(grpo_train.main, GRPOTrainConfig, grpo_train.__doc__, argv)
+    return code, "\n".join(x for x in capsys.readouterr().err.splitlines() if x.startswith("error:"))
+
+
+def metrics_of(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "out" / "metrics.json").read_text())
+
+
+# ============================================================================= config errors
+@pytest.mark.parametrize("over,expected", [
+    ({"batch_size": 30, "per_device_batch_size": 5, "num_generations": 8},
+     "batch_size 30 is not a multiple of num_generations 8"),
+    ({"num_generations": 1}, "key 'num_generations' = 1: expected an integer >= 2"),
+    ({"loss_type": "ppo"}, "key 'loss_type' = 'ppo': expected one of grpo, dr_grpo, dapo, bnpo"),
+    ({"scale_rewards": "std"}, "key 'scale_rewards' = 'std': expected one of group, batch, none"),
+    ({"reward_aggregation": "mean"}, "expected one of sum_then_normalize, normalize_then_sum"),
+    ({"rewards": {"acuracy": 1.0}}, "key 'rewards'"),
+    ({"rewards": {"format": 0.0}}, "key 'rewards'"),
+    ({"epsilon": 0.2, "epsilon_high": 0.1}, "epsilon_high 0.1 is below epsilon 0.2"),
+    ({"trainer_extra": {"num_generatons": 4}}, "did you mean 'num_generations'"),
+    ({"use_vllm": "maybe"}, "key 'use_vllm' = 'maybe'"),
+    ({"max_completion_length": 0}, "key 'max_completion_length' = 0: expected an integer > 0"),
+    ({"rewards": {"reward_model": 1.0}}, "reward_model is not set"),
+])
+def test_config_errors_name_the_file_and_key(tmp_path, over, expected):
+    path = tmp_path / "bad.yaml"
+    base = yaml.safe_load((ROOT / "configs/cpu/grpo.yaml").read_text())
+    path.write_text(yaml.safe_dump({**base, **over}))
+    with pytest.raises(ConfigError) as e:
+        load_config(GRPOTrainConfig, path)
+    msg = str(e.value)
+    assert str(path) in msg and expected in msg and "\n" not in msg
+
+
+def test_shipped_recipes_agree_with_the_data(tmp_path):
+    """Both recipes take whole groups per step, and the CPU cap covers the data card's p95 answer."""
+    cpu = load_config(GRPOTrainConfig, ROOT / "configs/cpu/grpo.yaml")
+    gpu = load_config(GRPOTrainConfig, ROOT / "configs/llama-3.2-3b/grpo.yaml")
+    for c in (cpu, gpu):
+        assert c.batch_size % c.num_generations == 0 and c.batch_size % c.per_device_batch_size == 0
+    assert cpu.precision == "auto" and cpu.use_vllm is False and cpu.fast_generation
+    assert gpu.precision == "bf16" and gpu.gradient_checkpointing and gpu.use_vllm == "auto"
+    card = ROOT / "data/processed/data_card.json"
+    if card.is_file():
+        answer = json.loads(card.read_text()).get("token_lengths", {}).get("answer", {})
+        if "p95" in answer:
+            assert cpu.max_completion_length >= answer["p95"]
+
+
+def test_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"ddp.yaml": ("MULTI_GPU", None), "zero2.yaml": ("DEEPSPEED", 2), "zero3.yaml": ("DEEPSPEED", 3)}
+    for name, (kind, stage) in expected.items():
+        path = ROOT / "configs/accelerate" / name
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# accelerate launch --config_file configs/accelerate/" + name)
+        assert "grpo_train.py --config configs/" in first
+        cfg = load_config_from_file(str(path))
+        assert str(cfg.distributed_type).endswith(kind)
+        if stage:
+            assert cfg.deepspeed_config["zero_stage"] == stage
+
+
+def test_vllm_and_deepspeed_without_the_package_fail_clearly(tmp_path, processed, capsys, monkeypatch):
+    pytest.importorskip("trl")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        code, err = run_cli(["--config", str(ROOT / "configs/cpu/grpo.yaml"), "--data-dir", str(processed),
+                             "--use-vllm", "true"], capsys)
+        assert code == 2 and "use_vllm: true needs vLLM" in err and "pip install vllm" in err
+    if importlib.util.find_spec("deepspeed") is None:
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        code, err = run_cli(["--config", str(ROOT / "configs/cpu/grpo.yaml"), "--data-dir", str(processed)], capsys)
+        assert code == 2 and "deepspeed is not installed" in err and "configs/accelerate/ddp.yaml" in err
+
+
+def test_missing_sft_policy_names_the_script(tmp_path, processed, capsys, monkeypatch):
+    monkeypatch.setenv("ECG_MODELS_DIR", str(tmp_path / "models"))
+    code, err = run_cli(["--config", str(ROOT / "configs/cpu/grpo.yaml"), "--data-dir", str(processed),
+                         "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and "no finished sft model" in err and "sft_train.py" in err
+
+
+@pytest.mark.slow
+def test_bad_prompt_rows_and_format_mismatch(tmp_path, processed, tiny_llama, capsys, monkeypatch):
+    monkeypatch.setenv("ECG_MODELS_DIR", str(tmp_path / "models"))
+    bad = tmp_path / "bad"
+    (bad / "grpo").mkdir(parents=True)
+    (bad / "grpo/train.jsonl").write_text(json.dumps({"id": "x", "reference": "Yes."}) + "\n")
+    code, err = run_cli(["--config", str(tiny_config(tmp_path, tiny_llama, bad))], capsys)
+    assert code == 2 and "grpo/train.jsonl: row 1 has no valid 'prompt' list" in err
+
+    make_sft_adapter(tiny_llama, tmp_path / "models/sft", answer_format="reasoning")
+    code, err = run_cli(["--config", str(tiny_config(tmp_path, tiny_llama, processed, policy="sft"))], capsys)
+    assert code == 2 and "trained with answer_format reasoning" in err and "set answer_format: reasoning" in err
+
+
+# ============================================================================= faster generation
+@pytest.mark.slow
+def test_grouped_generation_matches_plain_generate(tiny_llama):
+    """One prefill per distinct prompt, then its cache copied to the group, gives what generate() gives."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from utils.grpo import _trim_after_eos, generate_grouped
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    torch.manual_seed(1)
+    distinct = [torch.randint(10, 5000, (n,)).tolist() for n in (7, 4, 11)]
+    prompts = [distinct[i] for i in (0, 0, 1, 2, 1, 0, 2, 2)]  # groups interleaved, as with several processes
+    gen = GenerationConfig(do_sample=False, max_new_tokens=6, pad_token_id=0, eos_token_id=[1])
+    with torch.no_grad():
+        grouped = generate_grouped(model, prompts, gen, pad_token_id=0)
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)[:, width:]
+    assert grouped.tolist() == plain.tolist()
+    assert _trim_after_eos(torch.tensor([[5, 1, 7], [5, 6, 7]]), [1]) == [[5, 1], [5, 6, 7]]
+
+
+def test_merged_adapter_round_trip(tiny_llama):
+    """Sampling with the merged adapter computes the adapter's function, and un-merging restores the weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from utils.grpo import merged_adapter
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    x = torch.randint(10, 5000, (2, 9))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+        with merged_adapter(model):
+            assert all(m.merged for m in model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A"))
+            merged = model(input_ids=x).logits
+        after = model(input_ids=x).logits
+    assert torch.allclose(ref, merged, atol=1e-4) and torch.allclose(ref, after, atol=1e-5)
+    for n, p in model.named_parameters():
+        if n in before:
+            assert torch.allclose(p, before[n], atol=1e-6), n
+
+
+# ============================================================================= held-out bookkeeping
+def test_heldout_summary_and_paired_change():
+    hist = [{"step": 0, "heldout/total": 0.40}, {"loss": 1.0, "step": 1}, {"step": 10, "heldout/total": 0.45},
+            {"step": 20, "heldout/total": 0.47}, {"step": 30, "heldout/total": 0.52}]
+    s = heldout_summary(hist)
+    assert s["heldout_first"]["step"] == 0 and s["heldout_last"]["step"] == 30 and len(s["heldout"]) == 4
+    diffs = [0.05, 0.02, 0.05]
+    mean = sum(diffs) / 3
+    assert s["heldout_step_noise"] == pytest.approx((sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5)
+    first = [{"total": 0.1}, {"total": 0.5}, {"total": None}, {"total": 0.3}]
+    last = [{"total": 0.3}, {"total": 0.6}, {"total": 0.9}, {"total": 0.3}]
+    c = paired_change(first, last)
+    assert c["n"] == 3 and c["mean"] == pytest.approx(0.1) and c["stderr"] == pytest.approx(0.1 / 3 ** 0.5)
+
+
+def test_samples_markdown_groups_by_question():
+    items = [{"question": "Is it AF?", "completion": "Yes | it is.", "rewards": {"yesno": 1.0, "rouge": None},
+              "advantage": 0.7},
+             {"question": "Is it AF?", "completion": "No.", "rewards": {"yesno": 0.0, "rouge": None}, "advantage": -0.7},
+             {"question": "What is QT?", "completion": "An interval.", "rewards": {"yesno": None, "rouge": 0.25},
+              "advantage": None}]
+    md = samples_markdown(items, ["yesno", "rouge"])
+    assert md.count("**Q:**") == 2 and "Yes \\| it is." in md
+    assert "| No. | 0.00 | - | -0.70 |" in md and "| An interval. | - | 0.25 | - |" in md
+
+
+def test_resumed_run_drops_logs_after_its_checkpoint(tmp_path):
+    from utils.grpo import HELDOUT_LOG, SAMPLES_LOG, GRPOTrainConfig
+
+    cfg = GRPOTrainConfig(run_dir=str(tmp_path))
+    for name in (HELDOUT_LOG, SAMPLES_LOG):
+        (tmp_path / name).write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 2, 4, 6)))
+    _prepare_run_dir(cfg, str(tmp_path / "checkpoint-4"))
+    assert [json.loads(x)["step"] for x in (tmp_path / HELDOUT_LOG).read_text().splitlines()] == [0, 2, 4]
+    _prepare_run_dir(cfg, None)
+    assert (tmp_path / SAMPLES_LOG).read_text() == ""
+
+
+# ============================================================================= real runs on the tiny Llama
+def tensorboard_tags(run_dir: Path) -> tuple[set, set]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, texts = set(), set()
+    for events in run_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        scalars |= set(acc.Tags().get("scalars", []))
+        scalars |= {t for t in acc.Tags().get("tensors", [])}
+        texts |= {t for t in acc.Tags().get("tensors", []) if "samples" in t}
+    return scalars, texts
+
+
+@pytest.mark.slow
+def test_tiny_grpo_run_through_the_command_line(tmp_path, processed, tiny_llama):
+    """From an SFT adapter: trains it further, logs what the issue asks, saves a loadable adapter on the base."""
+    from safetensors.torch import load_file
+
+    from utils.models import adapter_base, is_complete, load_causal_lm
+
+    sft = make_sft_adapter(tiny_llama, tmp_path / "models/sft")
+    cfg = tiny_config(tmp_path, tiny_llama, processed, policy="sft", max_steps=2)
+    r = subprocess.run([sys.executable, "grpo_train.py", "--config", str(cfg)], cwd=ROOT, env=script_env(tmp_path),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    assert is_complete(out) and (out / ".complete").is_file()
+    for name in ("train_config.yaml", "metrics.json", "README.md", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert adapter_base(str(out)) == str(tiny_llama)  # still an adapter on the base, like SFT's
+    assert not (out / "ref").exists()
+    trained, start = load_file(out / "adapter_model.safetensors"), load_file(sft / "adapter_model.safetensors")
+    assert trained.keys() == start.keys()
+    assert any(not (trained[k] == start[k]).all() for k in trained)
+    load_causal_lm(str(out))
+
+    m = metrics_of(tmp_path)
+    assert m["global_step"] == 2 and m["resumed_from"] is None and m["num_processes"] == 1
+    assert [h["step"] for h in m["heldout"]] == [0, 1, 2]
+    assert {"heldout/total", "heldout/format", "heldout/length"} <= set(m["heldout_last"])
+    assert set(m["heldout_change"]) == {"total", *TINY_REWARDS}
+    assert all(f"rewards/{k}/mean" in m["train_curve"][0] for k in ("format", "length", "rouge"))
+    assert "held-out reward at step 0" in r.stderr and "Held-out reward" in (out / "README.md").read_text()
+
+    run_dir = tmp_path / "run"
+    assert [json.loads(x)["step"] for x in (run_dir / "heldout.jsonl").read_text().splitlines()] == [0, 1, 2]
+    samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 2] and len(samples[0]["items"]) == 2 * 2
+    assert set(samples[0]["items"][0]["rewards"]) == set(TINY_REWARDS)
+    scalars, texts = tensorboard_tags(run_dir)
+    for tag in ("train/reward", "train/reward_std", "train/rewards/length/mean", "train/rewards/length/std",
+                "train/frac_reward_zero_std", "train/completions/mean_length", "train/completions/clipped_ratio",
+                "heldout/total", "heldout/rouge"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert texts, "no sample completions in TensorBoard"
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_reaches_the_same_final_step(tmp_path, processed, tiny_llama):
+    cfg = tiny_config(tmp_path, tiny_llama, processed, policy="base", max_steps=5, eval_steps=2, sample_steps=0)
+    cmd = [sys.executable, "grpo_train.py", "--config", str(cfg)]
+    env = script_env(tmp_path)
+    log_path = tmp_path / "first.log"
+    with log_path.open("w") as log_file:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+        ckpt = tmp_path / "run/checkpoint-2/trainer_state.json"
+        deadline = time.time() + 300
+        while not ckpt.is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        if not ckpt.is_file():
+            proc.kill()
+            pytest.fail(f"no checkpoint-2 in time: {log_path.read_text()[-3000:]}")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "out").exists(), "the run finished before it could be killed"
+
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr
+    m = metrics_of(tmp_path)
+    assert m["global_step"] == 5 and m["max_steps"] == 5
+    assert int(Path(m["resumed_from"]).name.split("-")[1]) >= 2
+    # the held-out curve runs from before the kill (restored with the checkpoint) to the end, each step once
+    assert [h["step"] for h in m["heldout"]] == [0, 2, 4, 5]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run/heldout.jsonl").read_text().splitlines()]
+    assert steps == [0, 2, 4, 5]
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_with_gloo(tmp_path, processed, tiny_llama):
+    """torchrun starts two ranks; the step's completions, the held-out prompts and the reward groups are
+    shared out between them, and one model is saved."""
+    cfg = tiny_config(tmp_path, tiny_llama, processed, batch_size=8, per_device_batch_size=2, max_steps=2,
+                      eval_steps=2, sample_steps=0)
+    env = {**script_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "grpo_train.py", "--config", str(cfg)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = metrics_of(tmp_path)
+    assert m["num_processes"] == 2 and m["global_step"] == 2
+    assert [h["step"] for h in m["heldout"]] == [0, 2]
+    lines = [json.loads(x) for x in (tmp_path / "run/heldout.jsonl").read_text().splitlines()]
+    assert [len(x["items"]) for x in lines] == [3, 3]  # both ranks' shares gathered
+    assert len(list((tmp_path / "out").glob("adapter_model.safetensors"))) == 1
+
+
+@pytest.mark.slow
+def test_bench_runs_both_sides(tmp_path, processed, tiny_llama):
+    cfg = tiny_config(tmp_path, tiny_llama, processed, heldout_prompts=0)
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "scripts/bench_grpo.py", "--config", str(cfg), "--steps", "1", "--warmup",
+                        "1", "--json", str(out)], cwd=ROOT, env=script_env(tmp_path), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res) == {"plain", "ours"}
+    assert res["plain"]["completions_per_step"] == 8 and res["ours"]["completions_per_step"] == 4
+    for side in res.values():
+        assert side["steps"] == 1 and side["samples_per_s"] > 0 and 0 < side["gen_share"] < 1
+        assert side["peak_rss_mb"] > 0 and side["gen_fraction_of_bound"] > 0
+    assert "samples/s (wall)" in r.stdout and "ours / plain" in r.stdout
+
+
+def test_bench_help():
+    r = subprocess.run([sys.executable, "scripts/bench_grpo.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "plain TRL" in r.stdout

