@@ -13,7 +13,7 @@ with the same LoRA adapter), the same prompts in the same order, the same number
 completion length and the same rewards:
 
 * ours: the trainer grpo_train.py builds from the config (utils.grpo.build_trainer), held-out reward and
-  sample logging off;
+  sample logging off, with OMP_WAIT_POLICY=PASSIVE as grpo_train.py sets it;
 * plain: ``trl.GRPOTrainer`` with GRPOConfig's defaults for everything else (per-device batch 8, no
   gradient accumulation, gradient checkpointing, bf16 autocast, TRL's generate).
 
@@ -281,7 +281,10 @@ def main(argv=None) -> int:
                 cmd += ["--plain", kv]
             print(f"running {side} ({args.warmup} warm-up + {args.steps} measured steps) ...", file=sys.stderr,
                   flush=True)
-            r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            env = dict(os.environ)
+            if side == "ours":  # as grpo_train.py runs (see there); plain runs with the environment as it is
+                env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
             line = next((x for x in r.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
             if r.returncode or line is None:
                 sys.stderr.write(r.stderr[-3000:])

@@ -83,6 +83,8 @@ def test_balanced_subsample_shares_types_equally():
     counts = {t: sum(p["type"] == t for p in out) for t in "abc"}
     assert counts == {"a": 28, "b": 27, "c": 5} or counts == {"a": 27, "b": 28, "c": 5}
     assert len(balanced_subsample(pairs, 0, seed=0)) == len(pairs)
+    weighted = balanced_subsample(pairs, 60, seed=0, weights={"a": 3.0, "b": 1.0, "c": 0.0})
+    assert {t: sum(p["type"] == t for p in weighted) for t in "abc"} == {"a": 45, "b": 15, "c": 0}
 
 
 def test_pairwise_accuracy_counts_ties_half():
@@ -221,6 +223,18 @@ def test_score_needs_input(capsys):
     assert run_script("score", "--config", "configs/cpu/reward.yaml", "--reward-model", "",
                       "--rewards", json.dumps(RULES)) == 2
     assert "--input FILE.jsonl is required" in capsys.readouterr().err
+
+
+def test_terms_command_lists_missing_phrases(processed, capsys):
+    assert run_script("terms", "--config", "configs/cpu/reward.yaml", "--data-dir", str(processed),
+                      "--terms-top", "5") == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == 5
+    phrases = [line.split(None, 1)[1] for line in lines]
+    from utils.rewards import load_lexicon
+
+    lex = load_lexicon()
+    assert all(not lex.find(p) for p in phrases)  # nothing the lexicon already has
 
 
 def test_audit_ranks_the_reference_above_every_attack(processed):

@@ -371,16 +371,17 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
     """Per-token log-probabilities (and entropies) of the completions, with each prompt run once per group.
 
     GRPO trains on ``num_generations`` completions of the same prompt; the usual batch repeats the
-    prompt in every row, so the forward and backward passes spend most of their work on the same prompt
-    tokens again and again. Here each group becomes one row: the prompt, then its completions one after
-    the other, with a block attention mask (every completion sees the prompt and its own earlier tokens,
-    never another completion) and positions that restart after the prompt for each completion. The
-    logits, and so the gradient, are those of the unpacked rows (up to float rounding); the prompt's
-    activations are computed once and receive the group's summed gradient.
+    prompt in every row and pads every completion to the longest, so most of the forward and backward
+    work goes to the same prompt tokens again and to padding. Here each group becomes one row: the
+    prompt, then its completions one after the other at their own lengths, with a block attention mask
+    (every completion sees the prompt and its own earlier tokens, never another completion) and
+    positions that restart after the prompt for each completion. The logits, and so the gradient, are
+    those of the unpacked rows (up to float rounding); the prompt's activations are computed once and
+    receive the group's summed gradient.
 
     ``input_ids`` / ``attention_mask``: prompts (left-padded) then completions (right-padded, the last
     ``logits_to_keep`` columns), as TRL builds them. Returns ``(logps, entropies or None)``, each
-    ``rows x logits_to_keep``, rows in the input order.
+    ``rows x logits_to_keep``, rows in the input order, 0 at padding.
     """
     import torch
 
@@ -389,27 +390,31 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
     p = width - c
     device = input_ids.device
     prompt_ids, prompt_mask = input_ids[:, :p], attention_mask[:, :p].bool()
-    comp_ids, comp_mask = input_ids[:, p:], attention_mask[:, p:].bool()
+    comp_ids = input_ids[:, p:]
+    # A completion's real tokens are a prefix of its columns (up to and including its end token).
+    lengths = attention_mask[:, p:].sum(dim=1).tolist()
     groups = group_rows(prompt_ids, prompt_mask.long())
-    k_max = max(len(g) for g in groups)
-    length = p + k_max * c
+    length = p + max(sum(lengths[r] for r in g.tolist()) for g in groups)
     packed = torch.zeros((len(groups), length), dtype=input_ids.dtype, device=device)
     positions = torch.zeros((len(groups), length), dtype=torch.long, device=device)
     allowed = torch.zeros((len(groups), length, length), dtype=torch.bool, device=device)
-    causal_p = torch.ones((p, p), dtype=torch.bool, device=device).tril()
-    causal_c = torch.ones((c, c), dtype=torch.bool, device=device).tril()
+    causal = torch.ones((max(p, c), max(p, c)), dtype=torch.bool, device=device).tril()
+    slots = []  # (group, row, start column, length)
     for g, rows in enumerate(groups):
         pm = prompt_mask[rows[0]]
         packed[g, :p] = prompt_ids[rows[0]]
         positions[g, :p] = (pm.long().cumsum(0) - 1).clamp(min=0)
-        allowed[g, :p, :p] = causal_p & pm[None, :]
+        allowed[g, :p, :p] = causal[:p, :p] & pm[None, :]
         n_prompt = int(pm.sum())
-        for k, r in enumerate(rows.tolist()):
-            s = p + k * c
-            packed[g, s:s + c] = comp_ids[r]
-            positions[g, s:s + c] = n_prompt + torch.arange(c, device=device)
-            allowed[g, s:s + c, :p] = pm[None, :]
-            allowed[g, s:s + c, s:s + c] = causal_c & comp_mask[r][None, :]
+        start = p
+        for r in rows.tolist():
+            m = lengths[r]
+            packed[g, start:start + m] = comp_ids[r, :m]
+            positions[g, start:start + m] = n_prompt + torch.arange(m, device=device)
+            allowed[g, start:start + m, :p] = pm[None, :]
+            allowed[g, start:start + m, start:start + m] = causal[:m, :m]
+            slots.append((g, r, start, m))
+            start += m
     # Every query sees at least itself: a padding position with nothing to attend to would give NaN.
     allowed |= torch.eye(length, dtype=torch.bool, device=device)
     if attn_implementation == "sdpa":
@@ -423,20 +428,24 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
                    use_cache=False).logits.float() / temperature
     logps = torch.zeros((n, c), dtype=torch.float32, device=device)
     entropies = torch.zeros((n, c), dtype=torch.float32, device=device) if compute_entropy else None
-    rows_lp, rows_ent, rows_idx = [], [], []
-    for g, rows in enumerate(groups):
-        for k, r in enumerate(rows.tolist()):
-            lg = torch.cat([logits[g, :1], logits[g, 1 + k * c: k * c + c]], dim=0)  # c x vocab
-            lse = torch.logsumexp(lg, dim=-1)
-            rows_lp.append(lg.gather(-1, comp_ids[r][:, None]).squeeze(-1) - lse)
-            if compute_entropy:
-                with torch.no_grad():
-                    rows_ent.append(lse - (torch.softmax(lg, dim=-1) * lg).sum(-1))
-            rows_idx.append(r)
-    idx = torch.tensor(rows_idx, device=device)
-    logps = logps.index_put((idx,), torch.stack(rows_lp))
-    if compute_entropy:
-        entropies = entropies.index_put((idx,), torch.stack(rows_ent))
+    rows_lp, rows_ent, index_r, index_t = [], [], [], []
+    for g, r, start, m in slots:
+        if m == 0:
+            continue
+        # column start + j - 1 predicts token j; for j = 0 that is the prompt's last column (logits row 0)
+        lg = torch.cat([logits[g, :1], logits[g, start - p + 1: start - p + m]], dim=0)  # m x vocab
+        lse = torch.logsumexp(lg, dim=-1)
+        rows_lp.append(lg.gather(-1, comp_ids[r, :m, None]).squeeze(-1) - lse)
+        if compute_entropy:
+            with torch.no_grad():
+                rows_ent.append(lse - (torch.softmax(lg, dim=-1) * lg).sum(-1))
+        index_r += [r] * m
+        index_t += list(range(m))
+    if rows_lp:
+        idx = (torch.tensor(index_r, device=device), torch.tensor(index_t, device=device))
+        logps = logps.index_put(idx, torch.cat(rows_lp))
+        if compute_entropy:
+            entropies = entropies.index_put(idx, torch.cat(rows_ent))
     return logps, entropies
 
 

@@ -63,9 +63,13 @@ class RewardModelConfig(TrainConfig, RewardMix):
                                choices=NEGATIVE_TYPES,
                                default_factory=lambda: ["similar", "flip_yesno", "numbers", "truncate",
                                                         "contradiction"])
-    max_train_pairs: int = fld(0, "Train on a seeded subset of this many pairs, negative types in equal shares; "
-                               "0: all.",
+    max_train_pairs: int = fld(0, "Train on a seeded subset of this many pairs, negative types in the shares "
+                               "negative_weights gives; 0: all.",
                                check=(non_negative, "an integer >= 0"))
+    negative_weights: dict[str, float] = fld(
+        help="Relative share of each negative type in the training pairs (a type left out: 1; 0: none).",
+        default_factory=dict, check=(lambda d: all(k in NEGATIVE_TYPES and v >= 0 for k, v in d.items()),
+                                     f"a mapping of negative types ({', '.join(NEGATIVE_TYPES)}) to weights >= 0"))
     max_eval_pairs: int = fld(0, "Validation pairs for the trainer's periodic evaluation; 0: none.",
                               check=(non_negative, "an integer >= 0"))
     max_test_items: int = fld(0, "Test items whose pairs measure the held-out accuracy (seeded subset, each "
@@ -381,28 +385,31 @@ def load_split(cfg: RewardModelConfig, name: str) -> list[dict]:
     return rows
 
 
-def balanced_subsample(pairs: list[dict], n: int, seed: int) -> list[dict]:
-    """``n`` pairs with the negative types in equal shares as far as each type has pairs (a type with
-    too few gives all it has; the rest is shared among the others), shuffled. Without balancing the
-    easy, plentiful types (truncate, similar) would crowd out the rare ones (flip_yesno, numbers)."""
+def balanced_subsample(pairs: list[dict], n: int, seed: int, weights: dict[str, float] | None = None) -> list[dict]:
+    """``n`` pairs, shuffled, with each negative type's share proportional to its weight (1 when not
+    given) as far as the type has pairs; a type that runs out leaves its share to the others. Without
+    this the plentiful types (truncate, similar) would crowd out the rare ones (flip_yesno, numbers),
+    and an easy type learnt in a few dozen pairs (truncate) would take as much time as a hard one."""
     rng = random.Random(seed)
     by: dict[str, list[dict]] = defaultdict(list)
     for p in pairs:
         by[p["type"]].append(p)
     for v in by.values():
         rng.shuffle(v)
+    weights = {t: (weights or {}).get(t, 1.0) for t in by}
     if not n or n >= len(pairs):
         out = [p for v in by.values() for p in v]
     else:
-        out, types = [], sorted(by)
-        while len(out) < n and types:
-            for t in list(types):
-                if len(out) >= n:
-                    break
-                if by[t]:
-                    out.append(by[t].pop())
-                else:
-                    types.remove(t)
+        # stride scheduling: the next pair comes from the type furthest below its share
+        taken = Counter()
+        out = []
+        live = [t for t in sorted(by) if weights[t] > 0]
+        while len(out) < n and live:
+            t = min(live, key=lambda t: ((taken[t] + 1) / weights[t], t))
+            out.append(by[t].pop())
+            taken[t] += 1
+            if not by[t]:
+                live.remove(t)
     rng.shuffle(out)
     return out
 
@@ -681,7 +688,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
         n_test = max(1, round(cfg.sample_items * len(test_rows) / max(1, len(train_rows))))
         sampled_test = sample_answers(cfg, test_rows, n_test, cfg.seed + 1)
     train_pairs = balanced_subsample(build_pairs(train_rows, cfg.negatives, cfg.seed, sampled_train, cfg.term_lexicon),
-                                     cfg.max_train_pairs, cfg.seed)
+                                     cfg.max_train_pairs, cfg.seed, cfg.negative_weights)
     eval_pairs = subsample(build_pairs(val_rows, cfg.negatives, cfg.seed + 1, None, cfg.term_lexicon),
                            cfg.max_eval_pairs, cfg.seed) if cfg.max_eval_pairs else []
     test_pairs = build_pairs(test_rows, cfg.negatives, cfg.seed + 2, sampled_test, cfg.term_lexicon)

@@ -39,12 +39,6 @@ from utils.formats import FORMATS
 
 log = logging.getLogger(__name__)
 
-# Several processes share a CPU machine's cores here: OpenMP threads that spin while they wait then
-# steal each other's time (measured: 2 threads 3-4x slower than 1 under load, and 1.5x faster than 1
-# once they wait passively). The policy is read when torch loads its OpenMP runtime, so it is set at
-# import, before the phase scripts import torch; a value set by the user wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 RUN_CONFIG = "run_config.yaml"      # in the run folder: what the checkpoints there were trained with
 TRAIN_CONFIG = "train_config.yaml"  # in the final model folder: the resolved config of the run
 METRICS = "metrics.json"
