@@ -29,7 +29,7 @@ def overrides(tmp, tiny):
                  "run_dir": str(tmp / "runs/grpo"), "report_to": []},
         "eval": {"base_model": str(tiny), "test_file": f"{processed}/eval/test.jsonl", "per_task": 1,
                  "max_new_tokens": 8, "batch_size": 4, "cache_dir": str(tmp / "reports/cache"),
-                 "out_dir": str(tmp / "reports"), "bootstrap": 50},
+                 "out_dir": str(tmp / "reports"), "bootstrap": 100},
     }
 
 
