@@ -20,6 +20,8 @@ $(VENV)/.setup-done: requirements.txt requirements-offline.txt
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
+	# METEOR's WordNet, offline; evaluation leaves METEOR empty (with a warning) if this fails
+	PY=$(PY) bash scripts/setup_wordnet.sh || echo "WordNet not installed: METEOR will be left empty"
 	touch $@
 
 test: setup
