@@ -5,6 +5,7 @@ Usage:
     python scripts/bench_grpo.py --config configs/cpu/grpo.yaml --steps 6 --warmup 1
     python scripts/bench_grpo.py --policy base                     # without models/sft
     python scripts/bench_grpo.py --set fast_generation=false       # ablation: a config key changed for ours
+    python scripts/bench_grpo.py --plain-warmup 0 --plain-steps 1  # plain TRL's steps are slow on CPU
     python scripts/bench_grpo.py --plain bf16=false                # plain TRL without bf16 autocast
     python scripts/bench_grpo.py --sides ours --json /tmp/ours.json
 
@@ -49,6 +50,8 @@ def parse(argv=None):
     p.add_argument("--config", default="configs/cpu/grpo.yaml", help="GRPO recipe (grpo_train.py's YAML)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps measured per side")
     p.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
+    p.add_argument("--plain-steps", type=int, default=None, help="measured steps of the plain side (default --steps)")
+    p.add_argument("--plain-warmup", type=int, default=None, help="warm-up steps of the plain side (default --warmup)")
     p.add_argument("--policy", default=None, help="override the config's policy (e.g. base without models/sft)")
     p.add_argument("--sides", default="plain,ours", help="which sides to run, in order: plain, ours")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -273,13 +276,15 @@ def main(argv=None) -> int:
         for side in [s.strip() for s in args.sides.split(",") if s.strip()]:
             if side not in ("ours", "plain"):
                 raise UserError(f"--sides: {side!r}: expected ours and/or plain")
-            cmd = [sys.executable, __file__, "--worker", side, "--config", args.config, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)] + (["--policy", args.policy] if args.policy else [])
+            steps = args.plain_steps if side == "plain" and args.plain_steps is not None else args.steps
+            warmup = args.plain_warmup if side == "plain" and args.plain_warmup is not None else args.warmup
+            cmd = [sys.executable, __file__, "--worker", side, "--config", args.config, "--steps", str(steps),
+                   "--warmup", str(warmup)] + (["--policy", args.policy] if args.policy else [])
             for kv in args.set:
                 cmd += ["--set", kv]
             for kv in args.plain:
                 cmd += ["--plain", kv]
-            print(f"running {side} ({args.warmup} warm-up + {args.steps} measured steps) ...", file=sys.stderr,
+            print(f"running {side} ({warmup} warm-up + {steps} measured steps) ...", file=sys.stderr,
                   flush=True)
             env = dict(os.environ)
             if side == "ours":  # as grpo_train.py runs (see there); plain runs with the environment as it is

@@ -385,14 +385,26 @@ def test_training_history_sources(tmp_path):
     (run_dir / "checkpoint-4").mkdir(parents=True)
     folder.mkdir()
     (folder / "train_config.yaml").write_text(f"run_dir: {run_dir}\nanswer_format: plain\n")
-    (folder / "metrics.json").write_text(json.dumps({"train_loss": [{"step": 2, "loss": 1.0}], "eval_loss": []}))
     (run_dir / "checkpoint-4" / "trainer_state.json").write_text(json.dumps({"log_history": [
         {"step": 2, "loss": 1.0, "reward": 0.2, "kl": 0.0}, {"step": 4, "loss": 0.8, "reward": 0.4, "kl": 0.1}]}))
+    # nothing in the model folder: the run folder's newest checkpoint
     source, hist = training_history(folder)
-    assert "checkpoint-4" in source and len(hist) == 2  # the longest log wins
+    assert "checkpoint-4" in source and len(hist) == 2
     panels = dict(curve_series(hist))
     assert set(panels) == {"loss", "reward", "KL"}
     assert panels["reward"] == [("train", [2, 4], [0.2, 0.4])]
+    # the folder's own metrics.json wins over a run folder a later run may have reused
+    (folder / "metrics.json").write_text(json.dumps({
+        "train_curve": [{"step": 1, "reward": 2.5, "completions/mean_length": 30.0, "kl": None}],
+        "heldout": [{"step": 0, "heldout/total": 0.70}, {"step": 1, "heldout/total": 0.72}]}))
+    source, hist = training_history(folder)
+    assert source.endswith("metrics.json") and hist == [
+        {"step": 0, "heldout/total": 0.70}, {"step": 1, "reward": 2.5, "completions/mean_length": 30.0,
+                                             "heldout/total": 0.72}]
+    panels = dict(curve_series(hist))
+    assert set(panels) == {"reward", "held-out reward (greedy)", "completion length (tokens)"}
+    assert panels["reward"] == [("train", [1], [2.5])]
+    assert panels["held-out reward (greedy)"] == [("held-out", [0, 1], [0.70, 0.72])]
     assert training_history(tmp_path / "none") is None
 
 

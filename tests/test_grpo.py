@@ -101,7 +101,8 @@ def test_config_errors_name_the_file_and_key(tmp_path, over, expected):
 
 
 def test_shipped_recipes_agree_with_the_data(tmp_path):
-    """Both recipes take whole groups per step, and the CPU cap covers the data card's p95 answer."""
+    """Both recipes take whole groups per step, and the CPU cap covers 90% of the reference answers
+    (the data card's p90, when the card has token lengths)."""
     cpu = load_config(GRPOTrainConfig, ROOT / "configs/cpu/grpo.yaml")
     gpu = load_config(GRPOTrainConfig, ROOT / "configs/llama-3.2-3b/grpo.yaml")
     for c in (cpu, gpu):
@@ -111,8 +112,8 @@ def test_shipped_recipes_agree_with_the_data(tmp_path):
     card = ROOT / "data/processed/data_card.json"
     if card.is_file():
         answer = json.loads(card.read_text()).get("token_lengths", {}).get("answer", {})
-        if "p95" in answer:
-            assert cpu.max_completion_length >= answer["p95"]
+        if "p90" in answer:
+            assert cpu.max_completion_length >= answer["p90"]
 
 
 def test_accelerate_configs_load():

@@ -263,30 +263,33 @@ def test_audit_with_semantic_reward(processed):
 
 # ============================================================================= a tiny reward model, end to end
 @pytest.mark.slow
-def test_train_score_and_audit_a_tiny_reward_model(tiny_llama, processed, tmp_path):
+def test_train_score_and_audit_a_tiny_reward_model(tiny_llama, processed, tmp_path, capsys):
     out = tmp_path / "reward"
     r = cli("--config", "configs/cpu/reward.yaml", "--base-model", str(tiny_llama), "--data-dir", str(processed),
             "--output-dir", str(out), "--run-dir", str(tmp_path / "run"), "--keep-layers", "0",
             "--lora-layers", "1", "--max-train-pairs", "48", "--batch-size", "8", "--per-device-batch-size", "8",
             "--max-length", "96", "--max-prompt-tokens", "32", "--max-eval-pairs", "8", "--eval-steps", "3",
-            "--save-steps", "3", "--report-to", "", "--num-threads", "0")
+            "--save-steps", "3", "--report-to", "", "--num-threads", "0",
+            "--negatives", ",".join(NEGATIVE_TYPES), "--sample-model", str(tiny_llama), "--sample-items", "6",
+            "--sample-max-new-tokens", "8")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out pairwise accuracy" in r.stdout
     assert (out / ".complete").is_file() and (out / "adapter_config.json").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     acc = metrics["test_accuracy"]
     assert acc["overall"]["pairs"] == metrics["test_pairs"] > 0 and 0.0 <= acc["overall"]["accuracy"] <= 1.0
-    assert set(acc) - {"overall"} <= set(NEGATIVE_TYPES) and metrics["global_step"] == 6
+    assert {"sampled", "truncate", "overall"} <= set(acc) <= {"overall", *NEGATIVE_TYPES}
+    assert metrics["global_step"] == 6 and metrics["train_pair_types"]["sampled"] > 0
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_llama)
     assert "Held-out pairwise accuracy" in (out / "README.md").read_text()
     assert load_config(RewardModelConfig, out / "train_config.yaml").keep_layers == 0
 
-    # scoring with the trained model: the reward_model reward next to the rules
+    # scoring with the trained model (in this process from here on: torch is imported once)
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(x) + "\n" for x in SCORE_LINES))
-    r = cli("score", "--config", "configs/cpu/reward.yaml", "--rewards", json.dumps({**RULES, "reward_model": 1.0}),
-            "--reward-model", str(out), "--input", str(src), "--output", str(dst))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_script("score", "--config", "configs/cpu/reward.yaml", "--rewards",
+                      json.dumps({**RULES, "reward_model": 1.0}), "--reward-model", str(out), "--input", str(src),
+                      "--output", str(dst)) == 0
     scored = [json.loads(line)["rewards"] for line in dst.read_text().splitlines()]
     assert all(0.0 < s["reward_model"] < 1.0 for s in scored[:2]) and scored[2]["reward_model"] == 0.0
 
@@ -302,9 +305,9 @@ def test_train_score_and_audit_a_tiny_reward_model(tiny_llama, processed, tmp_pa
                                reference=["No, it is normal."]) == [pytest.approx(0.5)]
 
     # the audit with the whole shipped mix, trained model included
-    r = cli("audit", "--config", "configs/cpu/reward.yaml", "--data-dir", str(processed), "--reward-model", str(out),
-            "--output", str(tmp_path / "audit.json"))
-    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    capsys.readouterr()
+    assert run_script("audit", "--config", "configs/cpu/reward.yaml", "--data-dir", str(processed),
+                      "--reward-model", str(out), "--output", str(tmp_path / "audit.json")) == 0
     result = json.loads((tmp_path / "audit.json").read_text())
     assert result["passed"] and result["mix"]["reward_model"] > 0
-    assert "| keyword stuffing |" in r.stdout
+    assert "| keyword stuffing |" in capsys.readouterr().out

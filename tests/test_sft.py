@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from utils.config import ConfigError, load_config
 from utils.data import DataError, read_jsonl
@@ -250,3 +251,23 @@ def test_unreachable_hub_model_is_named_with_how_to_get_it(tmp_path, processed):
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and last.startswith("error: example-org/no-such-model") and "login" in last
     assert "Traceback" not in r.stderr
+
+
+def test_bench_help_runs():
+    r = subprocess.run([sys.executable, "scripts/bench_sft.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "tokens/s" in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_prints_throughput_and_memory(tmp_path, processed, tiny_llama):
+    recipe = yaml.safe_load((ROOT / "configs/cpu/sft.yaml").read_text())
+    recipe.update(base_model=str(tiny_llama), data_dir=str(processed), lora_r=2, lora_alpha=4, batch_size=2,
+                  per_device_batch_size=2, max_train_samples=0, max_length=256)
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(yaml.safe_dump(recipe))
+    r = subprocess.run([sys.executable, "scripts/bench_sft.py", "--config", str(cfg), "--steps", "2",
+                        "--json", str(tmp_path / "b.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["input_tokens_per_s"] > 0 and b["answer_tokens_per_s"] > 0 and b["peak_rss_mib"] > 100
+    assert b["timed_steps"] == 2 and "input_tokens_per_s" in r.stdout

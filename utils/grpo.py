@@ -113,6 +113,9 @@ class GRPOTrainConfig(TrainConfig, RewardMix):
     vllm_tensor_parallel_size: int = fld(1, "GPUs one colocated vLLM engine spans.", check=(positive, "an integer > 0"))
     vllm_server_base_url: str = fld("", "vLLM server URL in server mode, e.g. http://node0:8000; empty: "
                                     "http://localhost:8000.")
+    time_limit_minutes: float = fld(0.0, "Stop training after this many minutes of this process (the final held-out "
+                                    "evaluation and the save follow); 0: no limit. A time-boxed run on a shared "
+                                    "machine ends on time whatever the load.", check=(non_negative, "a number >= 0"))
     # ---- held-out reward, samples
     heldout_prompts: int = fld(64, "Validation prompts whose greedy answers are scored every eval_steps (and at the "
                                "start with eval_on_start, and at the end); 0: none.",
@@ -250,7 +253,6 @@ def load_policy(cfg: GRPOTrainConfig):
 def _continue_adapter(cfg: GRPOTrainConfig, path: str, base: str):
     """The policy's own LoRA adapter on its base, trainable: GRPO refines the SFT adapter, and the result is
     an adapter on the same base as SFT's."""
-    import torch
     from peft import PeftModel
 
     from utils.models import load_causal_lm
@@ -650,6 +652,25 @@ class DropEmptyMetrics(_Callback):
             del logs[k]
 
 
+class TimeLimit(_Callback):
+    """Ends training once ``time_limit_minutes`` have passed since the first step began."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.started = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.started is None:
+            self.started = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seconds and self.started is not None and time.time() - self.started > self.seconds:
+            log.info("time limit of %.0f minutes reached at step %d of %d; finishing", self.seconds / 60,
+                     state.global_step, state.max_steps)
+            control.should_training_stop = True
+            control.should_save = True
+
+
 class SampleLogger(_Callback):
     """Every ``sample_steps`` steps: the first ``samples_to_log`` prompt groups of the latest generation
     batch, each completion with its rewards and advantage, as a TensorBoard text table (``samples``) and a
@@ -819,7 +840,7 @@ def run_grpo(cfg: GRPOTrainConfig) -> dict:
         log.info("training %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
         held = HeldOutReward(cfg, heldout, trainer.processing_class)
         samples = SampleLogger(cfg)
-        for cb in (held, samples):
+        for cb in (held, samples, TimeLimit(cfg.time_limit_minutes)):
             cb.trainer = trainer
             trainer.add_callback(cb)
         trainer.callback_handler.callbacks.insert(0, DropEmptyMetrics())

@@ -150,7 +150,10 @@ def clip(text: str, n: int = ANSWER_CHARS) -> str:
 # ============================================================================= training logs
 CURVE_PANELS = [
     ("loss", [("loss", "train"), ("eval_loss", "validation")]),
-    ("reward", [("reward", "train"), ("eval_reward", "validation"), ("heldout/total", "held-out, greedy")]),
+    ("reward", [("reward", "train"), ("eval_reward", "validation")]),
+    # GRPO's held-out figure is the weighted mean of the rewards (0-1), TRL's train reward their weighted
+    # sum: two scales, two panels
+    ("held-out reward (greedy)", [("heldout/total", "held-out")]),
     ("KL", [("kl", "train"), ("eval_kl", "validation")]),
     ("completion length (tokens)", [("completions/mean_length", "train"), ("completion_length", "train"),
                                     ("eval_completions/mean_length", "validation")]),
@@ -189,40 +192,56 @@ def _read_tensorboard(run_dir: Path) -> list[dict] | None:
     return [by_step[s] for s in sorted(by_step)] or None
 
 
+def _read_metrics(path: Path) -> list[dict] | None:
+    """The logs a phase keeps in its model folder's metrics.json (SFT: train_loss, eval_loss; GRPO:
+    train_curve, heldout), merged into one Trainer-style entry per step."""
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    by_step: dict[int, dict] = {}
+    for key in ("train_loss", "eval_loss", "train_curve", "heldout"):
+        entries = m.get(key) if isinstance(m, dict) else None
+        for e in entries if isinstance(entries, list) else []:
+            if isinstance(e, dict) and isinstance(e.get("step"), (int, float)):
+                by_step.setdefault(int(e["step"]), {"step": int(e["step"])}).update(
+                    {k: v for k, v in e.items() if v is not None})
+    return [by_step[s] for s in sorted(by_step)] or None
+
+
 def training_history(folder: str | Path) -> tuple[str, list[dict]] | None:
-    """The longest training log found for a model folder: a ``trainer_state.json`` in it (or one level
-    down), the newest checkpoint's or the TensorBoard log in the run folder its ``train_config.yaml``
-    names, or the loss lists of its ``metrics.json``. Returns ``(source, log entries)`` or None."""
+    """The training log of a model folder, as ``(source, Trainer-style log entries)``, or None.
+
+    The folder's own record comes first (a ``trainer_state.json`` in it or one level down, or the logs in
+    its ``metrics.json``): it belongs to this very model. Only when it has none is the run folder its
+    ``train_config.yaml`` names read (the newest checkpoint's ``trainer_state.json`` or the TensorBoard
+    log), since a later run may have reused that folder. Among candidates the longest log wins."""
     from utils.training import checkpoints, read_train_config
 
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    found: list[tuple[str, list[dict]]] = []
+
+    def longest(found):
+        return max(found, key=lambda f: (max(h["step"] for h in f[1]), len(f[1]))) if found else None
+
+    own: list[tuple[str, list[dict]]] = []
     for p in [folder / "trainer_state.json", *sorted(folder.glob("*/trainer_state.json"))]:
         if p.is_file() and (h := _read_state(p)):
-            found.append((str(p), h))
-    trained = read_train_config(folder) or {}
-    if trained.get("run_dir"):
-        run_dir = Path(trained["run_dir"])
+            own.append((str(p), h))
+    if (folder / "metrics.json").is_file() and (h := _read_metrics(folder / "metrics.json")):
+        own.append((str(folder / "metrics.json"), h))
+    if own:
+        return longest(own)
+    run: list[tuple[str, list[dict]]] = []
+    run_dir = (read_train_config(folder) or {}).get("run_dir")
+    if run_dir and Path(run_dir).is_dir():
         ckpts = checkpoints(run_dir)
         if ckpts and (h := _read_state(ckpts[-1] / "trainer_state.json")):
-            found.append((str(ckpts[-1] / "trainer_state.json"), h))
-        if run_dir.is_dir() and (h := _read_tensorboard(run_dir)):
-            found.append((f"TensorBoard log in {run_dir}", h))
-    mpath = folder / "metrics.json"
-    if mpath.is_file():
-        try:
-            m = json.loads(mpath.read_text(encoding="utf-8"))
-            h = [{"step": x["step"], "loss": x["loss"]} for x in m.get("train_loss", [])] + \
-                [{"step": x["step"], "eval_loss": x["eval_loss"]} for x in m.get("eval_loss", [])]
-            if h:
-                found.append((str(mpath), sorted(h, key=lambda x: x["step"])))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            pass
-    if not found:
-        return None
-    return max(found, key=lambda f: (max(h["step"] for h in f[1]), len(f[1])))
+            run.append((str(ckpts[-1] / "trainer_state.json"), h))
+        if h := _read_tensorboard(Path(run_dir)):
+            run.append((f"the TensorBoard log in {run_dir}", h))
+    return longest(run)
 
 
 def curve_series(history: list[dict]) -> list[tuple[str, list[tuple[str, list, list]]]]:

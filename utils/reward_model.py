@@ -90,7 +90,7 @@ class RewardModelConfig(TrainConfig, RewardMix):
                                 check=(positive, "an integer > 0"))
     sample_model: str = fld("", "Model whose sampled answers are 'sampled' negatives (base, sft, a folder); "
                             "empty: none.")
-    sample_items: int = fld(200, "Train items to sample answers for (test items: in proportion).",
+    sample_items: int = fld(200, "Train items to sample answers for (test items: in proportion, at least 50).",
                             check=(non_negative, "an integer >= 0"))
     sample_max_new_tokens: int = fld(128, "Tokens per sampled answer.", check=(positive, "an integer > 0"))
     input: str = fld("", "score: JSONL file to score (question, reference, completion; optional task, label).")
@@ -685,7 +685,8 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     sampled_train = sampled_test = None
     if "sampled" in cfg.negatives:
         sampled_train = sample_answers(cfg, train_rows, cfg.sample_items, cfg.seed)
-        n_test = max(1, round(cfg.sample_items * len(test_rows) / max(1, len(train_rows))))
+        # in proportion to the train share, but at least 50 items: fewer pairs make a noisy accuracy
+        n_test = max(min(50, len(test_rows)), round(cfg.sample_items * len(test_rows) / max(1, len(train_rows))))
         sampled_test = sample_answers(cfg, test_rows, n_test, cfg.seed + 1)
     train_pairs = balanced_subsample(build_pairs(train_rows, cfg.negatives, cfg.seed, sampled_train, cfg.term_lexicon),
                                      cfg.max_train_pairs, cfg.seed, cfg.negative_weights)

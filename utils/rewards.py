@@ -176,7 +176,7 @@ def rouge_reward(completions, reference=None, answer_format: str = "plain", **kw
     """ROUGE-L F1 between the answer and the reference. Range [0, 1]; None without a reference.
 
     >>> rouge_reward(["A normal QRS lasts 80-120 ms."], reference=["A normal QRS complex lasts 80-120 ms."])
-    [0.923...]
+    [0.933...]
     """
     answers = _answers(completions, answer_format)
     refs = _column({"reference": reference}, "reference", len(answers))

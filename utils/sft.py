@@ -210,9 +210,10 @@ def run_sft(cfg: SFTTrainConfig) -> dict:
     """Train, evaluate and save as the config says; return the metrics written to metrics.json."""
     out = output_dir(cfg)
     gradient_accumulation(cfg)  # a batch that does not divide over this run's processes stops here, early
-    check_base_model(cfg)
+    # the data first: a missing prepare step should not wait for a model download or conversion
     train = load_examples(cfg, "train", cfg.max_train_samples)
     val = load_examples(cfg, "validation", cfg.max_eval_samples)
+    check_base_model(cfg)
     log.info("SFT on %d examples (%d validation), answer format %s -> %s", len(train), len(val),
              cfg.answer_format, out)
     ckpt = resume_checkpoint(cfg)

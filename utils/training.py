@@ -45,7 +45,8 @@ METRICS = "metrics.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Keys that may change between a run and its resumption without making the checkpoints stale.
 RESUME_NEUTRAL = {"resume", "merge", "output_dir", "report_to", "wandb_project", "run_name", "logging_steps",
-                  "save_steps", "save_total_limit", "eval_steps", "num_threads", "eval_on_start"}
+                  "save_steps", "save_total_limit", "eval_steps", "num_threads", "eval_on_start",
+                  "time_limit_minutes", "sample_steps", "samples_to_log"}  # the last three: GRPO's
 
 
 def has_cuda() -> bool:
@@ -180,8 +181,8 @@ def gradient_accumulation(cfg: TrainConfig) -> int:
 
 def precision_flags(cfg: TrainConfig) -> tuple[bool, bool, str]:
     """``(bf16, fp16, load_dtype)``: mixed-precision flags for the TRL config and the dtype to load the
-    base in. On CPU ``auto`` is fp32: without native bf16 matrix units (AVX512-BF16/AMX) bf16 autocast
-    is slower there, not faster."""
+    base in. On CPU ``auto`` is fp32: bf16 pays off there only with bf16 matrix units (AVX512-BF16,
+    AMX), which this project's CPU machines lack; ``precision: bf16`` still asks for it."""
     import torch
 
     cuda = torch.cuda.is_available()
