@@ -331,7 +331,7 @@ def test_report_files(tmp_path, tiny_llama, processed):
     shutil.copytree(tiny_llama, sft)
     (sft / "trainer_state.json").write_text(json.dumps({"log_history": [
         {"step": s, "loss": 2.0 / s, "reward": 0.1 * s, "kl": 0.01 * s, "completions/mean_length": 40 + s}
-        for s in range(1, 6)] + [{"step": 5, "eval_loss": 1.1}]}))
+        for s in range(1, 6)] + [{"step": 5, "eval_loss": 1.1, "heldout/total": 0.6}]}))
     cfg = cfg_for(tmp_path, models=[str(tiny_llama), str(sft)], test_file=str(processed / "eval/test.jsonl"),
                   run_name="run1")
     result, out = run_evaluation(cfg)

@@ -238,8 +238,8 @@ def load_user_rows(path: str | Path, system_prompt: str) -> list[dict]:
             if key in r and not (isinstance(r[key], str) and r[key].strip()):
                 raise UserError(f"{path}: line {no}: field '{key}' must be a non-empty string when given")
         task = r.get("task", USER_TASK).strip()
-        rec = make_record(task, path.name, no, None, [("user", r["question"].strip()), ("assistant", r["answer"].strip())],
-                          {}, system_prompt)
+        turns = [("user", r["question"].strip()), ("assistant", r["answer"].strip())]
+        rec = make_record(task, path.name, no, None, turns, {}, system_prompt)
         row = prompt_row(rec)
         row["id"] = r["id"].strip() if "id" in r else row["id"]
         if row["id"] in seen:
@@ -291,7 +291,8 @@ def load_items(cfg: EvalConfig) -> tuple[list[dict], str]:
             raise UserError(f"tasks: {bad[0]!r} is not in {source} (tasks there: {', '.join(known)})")
     picked = sample_rows(rows, cfg.per_task, cfg.limit, cfg.tasks, cfg.seed)
     counts = Counter(r["task"] for r in picked)
-    desc = f"{source}: {len(picked)} of {len(rows)} questions (" + ", ".join(f"{t} {n}" for t, n in sorted(counts.items())) + ")"
+    per_task = ", ".join(f"{t} {n}" for t, n in sorted(counts.items()))
+    desc = f"{source}: {len(picked)} of {len(rows)} questions ({per_task})"
     return picked, desc
 
 

@@ -186,7 +186,8 @@ def _read_tensorboard(run_dir: Path) -> list[dict] | None:
         return None
     by_step: dict[int, dict] = {}
     for tag in acc.Tags().get("scalars", []):
-        key = tag[len("train/"):] if tag.startswith("train/") else ("eval_" + tag[5:] if tag.startswith("eval/") else tag)
+        key = (tag[len("train/"):] if tag.startswith("train/")
+               else "eval_" + tag[len("eval/"):] if tag.startswith("eval/") else tag)
         for ev in acc.Scalars(tag):
             by_step.setdefault(int(ev.step), {"step": int(ev.step)})[key] = ev.value
     return [by_step[s] for s in sorted(by_step)] or None

@@ -640,9 +640,9 @@ def model_card(cfg: RewardModelConfig, metrics: dict) -> str:
               f"{metrics.get('eval_pairs')} validation",
               f"- adapter: LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha} on "
               f"{'the top ' + str(cfg.lora_layers) if cfg.lora_layers else 'all'} layers; "
-              f"layers kept: {cfg.keep_layers or 'all'}; max_length {cfg.max_length}",
+              f"layers kept: {cfg.keep_layers or 'all'} of the base's; max_length {cfg.max_length}",
               f"- {metrics.get('global_step')} steps of {cfg.batch_size} pairs, learning rate {cfg.learning_rate}",
-              f"- runtime: {train.get('train_runtime', 'n/a')} s training, {metrics.get('test_seconds')} s test "
+              f"- runtime: {round(train.get('train_runtime', 0))} s training, {metrics.get('test_seconds')} s test "
               "scoring", "",
               "Files: the adapter and score head, the tokenizer, `train_config.yaml`, `metrics.json`.", "",
               "## Limitations", "",
