@@ -190,6 +190,47 @@ def test_grouped_generation_matches_plain_generate(tiny_llama):
     assert _trim_after_eos(torch.tensor([[5, 1, 7], [5, 6, 7]]), [1]) == [[5, 1], [5, 6, 7]]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_groups_give_the_unpacked_logps_and_gradients(tiny_llama, attn):
+    """Each prompt once per group, completions packed behind it: same log-probs, entropies and LoRA gradients
+    as one row per completion, with left-padded prompts, completions of different lengths, an empty one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from utils.grpo import packed_group_logps
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attn),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    p_len, c_len, temp = 9, 6, 0.7
+    prompts = [torch.randint(10, 5000, (n,)) for n in (7, 4, 9)]
+    groups = [0, 0, 0, 1, 1, 2, 2, 1]
+    ids = torch.zeros(len(groups), p_len + c_len, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, g in enumerate(groups):
+        ids[i, p_len - len(prompts[g]):p_len], mask[i, p_len - len(prompts[g]):p_len] = prompts[g], 1
+        n = 0 if i == 4 else [6, 2, 5, 3][i % 4]  # row 4: a completion masked out entirely
+        ids[i, p_len:p_len + n], mask[i, p_len:p_len + n] = torch.randint(10, 5000, (n,)), 1
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, p_len - 1:-1].float() / temp
+    ref = torch.log_softmax(logits, -1).gather(-1, ids[:, p_len:, None]).squeeze(-1)
+    ref_ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    lp, ent = packed_group_logps(model, ids, mask, c_len, temp, attn, compute_entropy=True)
+    real = mask[:, p_len:].bool()
+    assert torch.allclose(lp[real], ref[real], atol=1e-4) and torch.allclose(ent[real], ref_ent[real], atol=1e-3)
+    assert (lp[~real] == 0).all()
+    weights = torch.randn_like(ref) * real
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_ref = torch.autograd.grad((ref * weights).sum(), params)
+    g_packed = torch.autograd.grad((lp * weights).sum(), params)
+    for a, b in zip(g_ref, g_packed):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
 def test_merged_adapter_round_trip(tiny_llama):
     """Sampling with the merged adapter computes the adapter's function, and un-merging restores the weights."""
     import torch
