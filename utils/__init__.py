@@ -1,4 +1,5 @@
 import ctypes
+import logging
 import os
 import sys
 
@@ -33,3 +34,9 @@ def _keep_freed_memory() -> bool:
 
 
 MALLOC_TUNED = _keep_freed_memory()
+
+
+# bitsandbytes (imported by peft on every run) warns at import on a machine without CUDA that the optional
+# `kernels` package for its CPU 4-bit matmul is missing. Nothing here runs 4-bit on CPU (a run that asks for
+# quantization without CUDA is refused), so the warning only spoils the one-line errors the scripts promise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
