@@ -44,6 +44,19 @@ def test_alias_and_base_resolve_to_folders(models_dir, tiny_llama):
     assert resolve_model("base", base_model=str(tiny_llama)) == str(tiny_llama)
 
 
+def test_phase_folder_without_marker_is_refused(models_dir, tiny_llama):
+    """A phase folder whose save did not finish is refused by name; an explicit folder needs no marker."""
+    import shutil
+
+    shutil.copytree(tiny_llama, models_dir / "rlhf")
+    (models_dir / "rlhf" / DONE_MARKER).unlink()
+    with pytest.raises(ModelNotFound) as e:
+        resolve_model("rlhf")
+    msg = str(e.value)
+    assert str(models_dir / "rlhf") in msg and DONE_MARKER in msg and "grpo_train.py" in msg and "\n" not in msg
+    assert resolve_model(str(models_dir / "rlhf")) == str(models_dir / "rlhf")
+
+
 def test_tiny_llama_is_the_llama_recipe(tiny_llama):
     tok = load_tokenizer(str(tiny_llama))
     assert len(tok) == 128256

@@ -46,7 +46,9 @@ def models_root() -> Path:
 
 
 def is_complete(folder: Path) -> bool:
-    """A model folder counts once its files and the completion marker are there."""
+    """Whether a folder holds a loadable model: weights and a model or adapter config. The phases' own
+    folders must also carry the completion marker (see :func:`resolve_model`); a folder from elsewhere
+    (a download, a copy) has none."""
     folder = Path(folder)
     has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
     has_config = (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
@@ -138,6 +140,12 @@ def resolve_model(ref: str, base_model: str | None = None) -> str:
         folder = models_root() / ref
         if not folder.is_dir() or not is_complete(folder):
             raise ModelNotFound(f"{folder}: no finished {ref} model here; it is made by `{PHASE_MAKERS[ref]}`")
+        if not (folder / DONE_MARKER).is_file():
+            # The phases save atomically and write the marker last, so its absence means a save that did not
+            # finish (or files put there by hand): refuse rather than load a half-written model.
+            raise ModelNotFound(f"{folder}: no {DONE_MARKER} marker, so its save did not finish; run "
+                                f"`{PHASE_MAKERS[ref]}` again (or `touch {folder / DONE_MARKER}` for a folder "
+                                "you put there yourself)")
         return str(folder)
     path = Path(ref).expanduser()
     if path.exists():
