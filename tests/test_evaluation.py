@@ -75,6 +75,10 @@ def test_term_precision_recall_hand_checked():
     assert term_precision_recall("AF with a wide QRS.", "Atrial fibrillation with ST depression.", lex) == (0.5, 0.5)
     assert term_precision_recall("Nothing relevant.", "Atrial fibrillation.", lex) == (0.0, 0.0)
     assert term_precision_recall("AF.", "No terms here.", lex) == (None, None)
+    # the question's terms are left out on both sides, as in the terms reward
+    assert term_precision_recall("AF with a wide QRS.", "Atrial fibrillation with ST depression.", lex,
+                                 question="Is this AF?") == (0.0, 0.0)
+    assert term_precision_recall("AF.", "Atrial fibrillation.", lex, question="Is this AF?") == (None, None)
 
 
 @pytest.mark.slow  # loads the sentence-embedding model

@@ -98,6 +98,19 @@ def test_terms_none_without_reference_terms():
     assert terms_reward(["Atrial fibrillation."], reference=["You have the right to a copy."]) == [None]
 
 
+def test_terms_leave_out_the_question_terms():
+    """Echoing the question's terms earns nothing (GRPO learnt to restate questions when it did)."""
+    question = "How is atrial fibrillation with a rapid ventricular response managed?"
+    echo = "Atrial fibrillation with a rapid ventricular response is managed as needed."
+    answer = "Rate control; look for ST depression in V5."
+    got = terms_reward([echo, answer, echo + " " + answer], reference=[REF_TERMS] * 3, question=[question] * 3)
+    assert got == [0.0, 1.0, 1.0]  # the question's terms count on neither side: no precision lost either
+    # without the question column the reward is the plain overlap, as before
+    assert terms_reward([echo], reference=[REF_TERMS]) == [pytest.approx(2 * 0.5 / 1.5)]
+    # a reference that names only the question's terms leaves nothing to judge: the reward does not apply
+    assert terms_reward([echo], reference=["Atrial fibrillation is common."], question=[question]) == [None]
+
+
 @pytest.mark.parametrize("lines, message", [
     (["# only a comment"], "no terms"),
     (["atrial fibrillation | af", "atrial flutter | af"], "already stands for"),

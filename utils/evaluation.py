@@ -39,7 +39,7 @@ from pathlib import Path
 
 from utils.config import UserError, fld, non_negative, positive
 from utils.formats import parse
-from utils.rewards import REWARDS, RewardMix, load_lexicon, score_rows
+from utils.rewards import REWARDS, RewardMix, load_lexicon, score_rows, term_sets
 from utils.text import words
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ METRICS: list[Metric] = [
            "reference; the semantic reward"),
     Metric("yesno", "yes/no acc", "clinical", "share of yes/no questions whose answer opens with the reference's "
            "verdict; the yesno reward (majority baseline beside it)"),
-    Metric("terms", "key terms F1", "clinical", "F1 of the lexicon's ECG/cardiology terms in answer vs reference; "
-           "the terms reward"),
+    Metric("terms", "key terms F1", "clinical", "F1 of the lexicon's ECG/cardiology terms in answer vs reference, "
+           "beyond those the question names; the terms reward"),
     Metric("terms_p", "key terms P", "clinical", "share of the answer's key terms that the reference names"),
     Metric("terms_r", "key terms R", "clinical", "share of the reference's key terms that the answer names"),
     Metric("numbers", "numbers", "clinical", "agreement of numbers with units and follow-up periods with the "
@@ -514,13 +514,13 @@ def meteor(answer: str, reference: str, wordnet) -> float:
     return float(meteor_score([ref], hyp, wordnet=wordnet))
 
 
-def term_precision_recall(answer: str, reference: str, lexicon) -> tuple[float | None, float | None]:
-    """Precision and recall of the key terms the terms reward matches (its lexicon and canonical names);
-    (None, None) when the reference names no term. An answer naming no term has precision 0."""
-    want = lexicon.find(reference)
+def term_precision_recall(answer: str, reference: str, lexicon, question: str = "") -> tuple[float | None, float | None]:
+    """Precision and recall of the key terms the terms reward matches (its lexicon and canonical names, less
+    the question's terms); (None, None) when the reference names no term beyond the question's. An answer
+    naming no such term has precision 0."""
+    got, want = term_sets(answer, reference, question, lexicon)
     if not want:
         return None, None
-    got = lexicon.find(answer)
     hit = len(got & want)
     return (hit / len(got) if got else 0.0), hit / len(want)
 
@@ -546,7 +546,7 @@ def score_answers(completions: list[str], rows: list[dict], answer_format: str, 
         has_ref = bool(ref.strip())
         d["bleu1"] = bleu1(answer, ref) if has_ref else None
         d["meteor"] = meteor(answer, ref, wordnet) if has_ref and wordnet is not None else None
-        d["terms_p"], d["terms_r"] = term_precision_recall(answer, ref, lexicon) if has_ref else (None, None)
+        d["terms_p"], d["terms_r"] = term_precision_recall(answer, ref, lexicon, r.get("question") or "") if has_ref else (None, None)
         d["words"] = float(len(answer.split()))
         out.append(d)
     return out

@@ -283,35 +283,43 @@ def f1(tp: float, n_pred: int, n_true: int) -> float:
     return 2 * p * r / (p + r)
 
 
-def terms_reward(completions, reference=None, answer_format: str = "plain", term_lexicon: str = DEFAULT_LEXICON,
-                 **kwargs) -> list[float | None]:
-    """F1 overlap of the lexicon's ECG / cardiology terms in the answer with those in the reference.
+def terms_reward(completions, reference=None, question=None, answer_format: str = "plain",
+                 term_lexicon: str = DEFAULT_LEXICON, **kwargs) -> list[float | None]:
+    """F1 overlap of the lexicon's ECG / cardiology terms in the answer with those in the reference,
+    leaving out the terms the question already names.
 
     Terms are compared as canonical names (synonyms and abbreviations fold: 'AF' is 'atrial
     fibrillation'), as sets: saying a term twice earns nothing, and naming terms the reference does not
-    lowers precision, so listing many terms does not pay. Range [0, 1]; None when the reference names
-    no term of the lexicon.
+    lowers precision, so listing many terms does not pay. The question's own terms count on neither side:
+    references restate them, so crediting them paid for echoing the question, which GRPO found (measured
+    on the CPU recipe: answers such as "The common indications for using anticoagulants in cardiovascular
+    diseases are ..." rose while saying less). Range [0, 1]; None when the reference names no term beyond
+    the question's.
 
     >>> terms_reward(["AF with a rapid ventricular response."],
     ...              reference=["Atrial fibrillation with rapid ventricular response and ST depression."])
     [0.8]
+    >>> terms_reward(["Anticoagulants are indicated in atrial fibrillation.", "Anticoagulants help."],
+    ...              reference=["Anticoagulants are used in atrial fibrillation."] * 2,
+    ...              question=["When are anticoagulants indicated?"] * 2)
+    [1.0, 0.0]
     """
     answers = _answers(completions, answer_format)
     refs = _column({"reference": reference}, "reference", len(answers))
+    questions = _column({"question": question}, "question", len(answers))
     lex = load_lexicon(term_lexicon)
-    ref_terms: dict[str, set[str]] = {}
     out: list[float | None] = []
-    for a, r in zip(answers, refs):
-        r = _str(r)
-        if r not in ref_terms:
-            ref_terms[r] = lex.find(r)
-        want = ref_terms[r]
-        if not want:
-            out.append(None)
-            continue
-        got = lex.find(a)
-        out.append(_finite(f1(len(got & want), len(got), len(want))))
+    for a, r, q in zip(answers, refs, questions):
+        got, want = term_sets(a, _str(r), _str(q), lex)
+        out.append(_finite(f1(len(got & want), len(got), len(want))) if want else None)
     return out
+
+
+def term_sets(answer: str, reference: str, question: str, lexicon: Lexicon) -> tuple[set[str], set[str]]:
+    """``(answer terms, reference terms)`` as the terms reward compares them: canonical names, less the
+    terms the question names."""
+    given = lexicon.find(question) if question else set()
+    return lexicon.find(answer) - given, lexicon.find(reference) - given
 
 
 # ============================================================================= numbers and units
