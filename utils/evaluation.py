@@ -514,7 +514,8 @@ def meteor(answer: str, reference: str, wordnet) -> float:
     return float(meteor_score([ref], hyp, wordnet=wordnet))
 
 
-def term_precision_recall(answer: str, reference: str, lexicon, question: str = "") -> tuple[float | None, float | None]:
+def term_precision_recall(answer: str, reference: str, lexicon,
+                          question: str = "") -> tuple[float | None, float | None]:
     """Precision and recall of the key terms the terms reward matches (its lexicon and canonical names, less
     the question's terms); (None, None) when the reference names no term beyond the question's. An answer
     naming no such term has precision 0."""
@@ -546,7 +547,8 @@ def score_answers(completions: list[str], rows: list[dict], answer_format: str, 
         has_ref = bool(ref.strip())
         d["bleu1"] = bleu1(answer, ref) if has_ref else None
         d["meteor"] = meteor(answer, ref, wordnet) if has_ref and wordnet is not None else None
-        d["terms_p"], d["terms_r"] = term_precision_recall(answer, ref, lexicon, r.get("question") or "") if has_ref else (None, None)
+        d["terms_p"], d["terms_r"] = (term_precision_recall(answer, ref, lexicon, r.get("question") or "")
+                                      if has_ref else (None, None))
         d["words"] = float(len(answer.split()))
         out.append(d)
     return out

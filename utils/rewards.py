@@ -308,18 +308,30 @@ def terms_reward(completions, reference=None, question=None, answer_format: str 
     refs = _column({"reference": reference}, "reference", len(answers))
     questions = _column({"question": question}, "question", len(answers))
     lex = load_lexicon(term_lexicon)
+    # A GRPO group's completions share one item: its reference and question are looked up once per call.
+    wanted: dict[tuple[str, str], tuple[set[str], set[str]]] = {}
     out: list[float | None] = []
     for a, r, q in zip(answers, refs, questions):
-        got, want = term_sets(a, _str(r), _str(q), lex)
+        key = (_str(r), _str(q))
+        if key not in wanted:
+            wanted[key] = _wanted_terms(*key, lex)
+        want, given = wanted[key]
+        got = lex.find(a) - given
         out.append(_finite(f1(len(got & want), len(got), len(want))) if want else None)
     return out
+
+
+def _wanted_terms(reference: str, question: str, lexicon: Lexicon) -> tuple[set[str], set[str]]:
+    """``(reference terms beyond the question's, the question's terms)``."""
+    given = lexicon.find(question) if question else set()
+    return lexicon.find(reference) - given, given
 
 
 def term_sets(answer: str, reference: str, question: str, lexicon: Lexicon) -> tuple[set[str], set[str]]:
     """``(answer terms, reference terms)`` as the terms reward compares them: canonical names, less the
     terms the question names."""
-    given = lexicon.find(question) if question else set()
-    return lexicon.find(answer) - given, lexicon.find(reference) - given
+    want, given = _wanted_terms(reference, question, lexicon)
+    return lexicon.find(answer) - given, want
 
 
 # ============================================================================= numbers and units
