@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from utils.config import ConfigError, UserError, load_config
 from utils.rewards import (DEFAULT_WEIGHTS, REWARDS, RewardMix, build_reward_funcs, compressibility, format_reward,
-                           length_reward, load_lexicon, numbers_reward, parse_lexicon, repetition, rouge_l,
+                           echo_share, length_reward, load_lexicon, numbers_reward, parse_lexicon, repetition, rouge_l,
                            rouge_reward, score_rows, semantic_reward, terms_reward, weighted_total, yesno_reward)
 from utils.text import extract_numbers
 
@@ -204,6 +204,39 @@ REF_LEN = "Yes, you have the right to a copy of your ECG report."  # 12 words
 ])
 def test_length(answer, expected, reason):
     assert length_reward([answer], reference=[REF_LEN]) == [pytest.approx(expected)], reason
+
+
+ECHO_Q = "How does the presence of obesity influence cardiovascular risk and management?"
+ECHO_REF = ("Obesity increases cardiovascular risk through hypertension, dyslipidemia and insulin resistance; "
+            "management includes weight loss and lifestyle changes.")
+
+
+@pytest.mark.parametrize("answer,expected,reason", [
+    ("Obesity raises blood pressure and cholesterol, so weight loss and exercise are the core of management.", 1.0,
+     "its own words"),
+    ("The presence of obesity influences cardiovascular risk and management.", 1 - (3 / 9 - 0.2) / 0.3,
+     "the question said back; 'the presence of' (3 of 9 words) is not the reference's wording"),
+    ("How does the presence of obesity influence cardiovascular risk and management?", 0.0,
+     "the question itself: 6 of its 11 words are not the reference's"),
+    ("The presence of obesity increases cardiovascular risk through hypertension, dyslipidemia and insulin "
+     "resistance; management includes weight loss and lifestyle changes.", 1.0,
+     "one copied run ('the presence of obesity'), the rest is content: 2 of 19 words echo"),
+])
+def test_length_stops_paying_for_echoing_the_question(answer, expected, reason):
+    got = length_reward([answer], reference=[ECHO_REF], question=[ECHO_Q])
+    assert got == [pytest.approx(expected)], reason
+    assert length_reward([answer], reference=[ECHO_REF]) == [1.0]  # without the question: no echo factor
+
+
+def test_echo_allows_what_the_reference_restates_too():
+    q = "Do I have the right to refuse an ECG if I feel it is unnecessary?"
+    ref = "Yes, you have the right to refuse an ECG; discuss your concerns with your provider first."
+    answer = "Yes, you have the right to refuse an ECG if you feel it is unnecessary."
+    # 12 of its 15 words copy the question, but only 'if', 'feel', 'it', 'is', 'unnecessary' are not the reference's
+    assert echo_share(answer, q, ref) == pytest.approx(5 / 15)
+    assert echo_share("Yes, you have the right to refuse an ECG.", q, ref) == 0.0
+    assert length_reward([answer], reference=[ref], question=[q]) == [pytest.approx(1 - (5 / 15 - 0.2) / 0.3)]
+    assert echo_share("anything", "", ref) == 0.0 and echo_share("", q, ref) == 0.0
 
 
 def test_length_penalty_grows_with_length():

@@ -518,15 +518,47 @@ def compressibility(text: str) -> float:
     return len(zlib.compress(raw)) / len(raw) if raw else 1.0
 
 
-def length_score(answer: str, reference: str | None, max_words: int = DEFAULT_MAX_WORDS) -> float:
-    """Product of four factors, each in [0, 1]:
+ECHO_RUN = 4  # words: a shorter run ("the risk of") is ordinary wording, not a copy of the question
+
+
+def echo_share(answer: str, question: str | None, reference: str | None = None, run: int = ECHO_RUN) -> float:
+    """Share of the answer's words that repeat the question (runs of ``run``+ words copied from it) and that
+    the reference does not use: how much of the answer is the question said back.
+
+    >>> q = "What are the common indications for using anticoagulants in cardiovascular diseases?"
+    >>> r = "Indications include atrial fibrillation, deep vein thrombosis and pulmonary embolism."
+    >>> round(echo_share("The common indications for using anticoagulants in cardiovascular diseases include stroke.",
+    ...                  q, r), 2)  # 8 of its 11 words: the question's, not the reference's
+    0.73
+    >>> echo_share("Indications include atrial fibrillation and pulmonary embolism.", q, r)
+    0.0
+    """
+    a, q = words(answer), words(question or "")
+    if not a or len(q) < run:
+        return 0.0
+    grams = set(zip(*(q[i:] for i in range(run))))
+    copied = [False] * len(a)
+    for i in range(len(a) - run + 1):
+        if tuple(a[i:i + run]) in grams:
+            copied[i:i + run] = [True] * run
+    ref = set(words(reference or ""))
+    return sum(c and w not in ref for w, c in zip(a, copied)) / len(a)
+
+
+def length_score(answer: str, reference: str | None, max_words: int = DEFAULT_MAX_WORDS,
+                 question: str | None = None) -> float:
+    """Product of five factors, each in [0, 1]:
 
     * too long: 1 up to a budget of ``2 * reference words + 20`` (room to elaborate), falling linearly
       to 0 at twice the budget;
     * too short: below a quarter of the reference's words, proportionally less (an empty answer is 0);
     * truncated: 0.5 when the answer stops mid-sentence (no closing punctuation);
     * looping: 1 while at most 10% of word trigrams repeat, 0 from 40%; and, for texts of 200+
-      characters, 0 when zlib squeezes them below 10% of their size (loops of symbols, no words).
+      characters, 0 when zlib squeezes them below 10% of their size (loops of symbols, no words);
+    * echoing (with a ``question``): 1 while at most 20% of the answer's words say the question back
+      (:func:`echo_share`: room for the restated phrase of a yes/no answer), 0 from 50%. GRPO found that
+      restating the question pays in ROUGE-L and semantic similarity (references restate it too) while
+      the answer says less; this is where that stops paying.
     """
     n = len(answer.split())
     if n == 0:
@@ -539,20 +571,23 @@ def length_score(answer: str, reference: str | None, max_words: int = DEFAULT_MA
     f_rep = _finite(1.0 - (repetition(answer) - 0.1) / 0.3)
     if len(answer) >= 200:
         f_rep *= _finite((compressibility(answer) - 0.1) / 0.15)
-    return _finite(f_long * f_short * f_trunc * f_rep)
+    f_echo = _finite(1.0 - (echo_share(answer, question, reference) - 0.2) / 0.3) if question else 1.0
+    return _finite(f_long * f_short * f_trunc * f_rep * f_echo)
 
 
-def length_reward(completions, reference=None, answer_format: str = "plain", length_max_words: int = DEFAULT_MAX_WORDS,
-                  **kwargs) -> list[float | None]:
-    """Penalises overlong, too short, truncated and looping answers (see :func:`length_score`).
-    Range [0, 1]; always applies (without a reference the budget is ``length_max_words``).
+def length_reward(completions, reference=None, question=None, answer_format: str = "plain",
+                  length_max_words: int = DEFAULT_MAX_WORDS, **kwargs) -> list[float | None]:
+    """Penalises overlong, too short, truncated and looping answers, and answers that mostly say the
+    question back (see :func:`length_score`). Range [0, 1]; always applies (without a reference the
+    budget is ``length_max_words``).
 
     >>> length_reward(["Yes, you can ask for a copy.", "Yes yes " * 50], reference=["Yes, you can request a copy."] * 2)
     [1.0, 0.0]
     """
     answers = _answers(completions, answer_format)
     refs = _column({"reference": reference}, "reference", len(answers))
-    return [length_score(a, _str(r), length_max_words) for a, r in zip(answers, refs)]
+    qs = _column({"question": question}, "question", len(answers))
+    return [length_score(a, _str(r), length_max_words, _str(q)) for a, r, q in zip(answers, refs, qs)]
 
 
 # ============================================================================= trained reward model
