@@ -426,3 +426,40 @@ def test_bench_help():
     r = subprocess.run([sys.executable, "scripts/bench_grpo.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "plain TRL" in r.stdout
+
+
+# ============================================================================= sampling probe
+def test_probe_summary():
+    from scripts.probe_sampling import summarize
+
+    fig = summarize([0.5, 0.2], [[0.9, 0.1, 0.4, 0.2], [0.3, 0.1, 0.1, 0.1]])
+    assert fig["greedy_mean"] == pytest.approx(0.35) and fig["sample_mean"] == pytest.approx(0.275)
+    assert fig["best_of_n_mean"] == pytest.approx(0.6)
+    assert fig["share_above_greedy"] == pytest.approx(2 / 8)  # 0.9 (> 0.5) and 0.3 (> 0.2)
+    # above their group's mean: 0.9 (mean 0.4) and 0.3 (mean 0.15); both beat their greedy answer
+    assert fig["reinforced_above_greedy"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_probe_sampling_runs_on_the_tiny_model(tmp_path, processed, tiny_llama):
+    cfg = tiny_config(tmp_path, tiny_llama, processed)
+    out = tmp_path / "probe.json"
+    r = subprocess.run([sys.executable, "scripts/probe_sampling.py", "--config", str(cfg), "--prompts", "2",
+                        "--temperatures", "1.0,0.5", "--json", str(out)], cwd=ROOT, env=script_env(tmp_path),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["prompts"] == 2 and set(res["temperatures"]) == {"1.0", "0.5"}
+    for fig in res["temperatures"].values():
+        assert [len(g) for g in fig["totals"]] == [2, 2]  # num_generations 2 per prompt
+        assert fig["best_of_n_mean"] >= fig["sample_mean"] and 0 <= fig["reinforced_above_greedy"] <= 1
+    assert "reinforced > greedy" in r.stdout
+    bad = subprocess.run([sys.executable, "scripts/probe_sampling.py", "--config", str(cfg), "--temperatures", "0"],
+                         cwd=ROOT, env=script_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--temperatures '0': expected positive numbers" in bad.stderr
+
+
+def test_probe_help():
+    r = subprocess.run([sys.executable, "scripts/probe_sampling.py", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "GRPO reinforces" in r.stdout
