@@ -533,15 +533,23 @@ def echo_share(answer: str, question: str | None, reference: str | None = None, 
     >>> echo_share("Indications include atrial fibrillation and pulmonary embolism.", q, r)
     0.0
     """
-    a, q = words(answer), words(question or "")
-    if not a or len(q) < run:
+    return _echo_share(words(answer), *_echo_context(question, reference, run), run)
+
+
+@functools.lru_cache(maxsize=256)  # a GRPO group's completions share one question and reference
+def _echo_context(question: str | None, reference: str | None, run: int) -> tuple[frozenset, frozenset]:
+    """``(the question's word runs of length run, the reference's words)``."""
+    q = words(question or "")
+    return frozenset(zip(*(q[i:] for i in range(run)))), frozenset(words(reference or ""))
+
+
+def _echo_share(a: list[str], grams: frozenset, ref: frozenset, run: int) -> float:
+    if not a or not grams:
         return 0.0
-    grams = set(zip(*(q[i:] for i in range(run))))
     copied = [False] * len(a)
     for i in range(len(a) - run + 1):
         if tuple(a[i:i + run]) in grams:
             copied[i:i + run] = [True] * run
-    ref = set(words(reference or ""))
     return sum(c and w not in ref for w, c in zip(a, copied)) / len(a)
 
 
