@@ -274,49 +274,6 @@ def test_heldout_summary_and_paired_change():
     assert c["n"] == 3 and c["mean"] == pytest.approx(0.1) and c["stderr"] == pytest.approx(0.1 / 3 ** 0.5)
 
 
-def test_top_k_keep_ranks_within_each_group():
-    import torch
-
-    from utils.grpo import top_k_keep
-
-    nan = float("nan")
-    # two rewards; groups of 4: rows 0-3, 4-7
-    r = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.6], [0.2, 0.1],
-                      [nan, nan], [0.9, nan], [0.1, nan], [0.3, nan]])
-    w = torch.tensor([1.0, 2.0])
-    assert top_k_keep(r, w, 4, 1, "sum_then_normalize").tolist() == [0, 1, 0, 0, 0, 1, 0, 0]
-    assert top_k_keep(r, w, 4, 2, "sum_then_normalize").tolist() == [0, 1, 1, 0, 0, 1, 0, 1]
-    # Normalised per group first, the first reward's wider spread counts for as much as its weight says.
-    w_even = torch.tensor([1.0, 1.0])
-    r2 = torch.tensor([[0.0, 0.50], [1.0, 0.49], [0.5, 0.48], [0.5, 0.47]])
-    assert top_k_keep(r2, w_even, 4, 1, "sum_then_normalize").tolist() == [0, 1, 0, 0]
-    assert top_k_keep(r2, w_even, 4, 1, "normalize_then_sum").tolist() == [0, 1, 0, 0]
-    assert top_k_keep(r2, torch.tensor([0.1, 1.0]), 4, 1, "normalize_then_sum").tolist() == [1, 0, 0, 0]
-    # k beyond the group keeps every scorable row, never an unscorable one.
-    assert top_k_keep(r, w, 4, 9, "sum_then_normalize").tolist() == [1, 1, 1, 1, 0, 1, 1, 1]
-
-
-@pytest.mark.parametrize("k", [0, 1])
-def test_reinforce_top_k_advantages_of_a_real_batch(tmp_path, processed, tiny_llama, k):
-    """The trainer's own generation and scoring: with reinforce_top_k = 1 each group has at most one
-    non-zero advantage, positive; plain GRPO's advantages sum to ~0 per group."""
-    from utils.grpo import build_trainer, load_prompts
-
-    cfg = load_config(GRPOTrainConfig, tiny_config(tmp_path, tiny_llama, processed, num_generations=4,
-                                                   batch_size=8, per_device_batch_size=8,
-                                                   max_completion_length=8, reinforce_top_k=k,
-                                                   rewards={"length": 1.0, "rouge": 1.0}), {})
-    trainer, _ = build_trainer(cfg, load_prompts(cfg, "train"))
-    trainer.model.train()
-    batch = next(iter(trainer.get_train_dataloader()))
-    adv = trainer._generate_and_score_completions(batch)["advantages"].view(-1, 4)
-    assert adv.abs().sum() > 0, "no reward spread in any group: the test would prove nothing"
-    if k:
-        assert ((adv != 0).sum(dim=1) <= 1).all() and (adv >= 0).all(), adv
-    else:
-        assert (adv < 0).any() and adv.sum(dim=1).abs().max() < 1e-3, adv
-
-
 def test_samples_markdown_groups_by_question():
     items = [{"question": "Is it AF?", "completion": "Yes | it is.", "rewards": {"yesno": 1.0, "rouge": None},
               "advantage": 0.7},

@@ -98,10 +98,6 @@ class GRPOTrainConfig(TrainConfig, RewardMix):
     mask_truncated_completions: bool = fld(False, "Leave completions cut at max_completion_length out of the loss.")
     num_iterations: int = fld(1, "Optimizer passes over each generated batch (mu in the GRPO paper).",
                               check=(positive, "an integer > 0"))
-    reinforce_top_k: int = fld(0, "0: GRPO's advantages (every completion against its group's mean). k > 0: only "
-                               "each group's k best completions keep their (positive) advantage, the others get 0: "
-                               "the update moves towards the group's best answers only (rejection-sampling "
-                               "fine-tuning inside GRPO, as RAFT).", check=(non_negative, "an integer >= 0"))
     # ---- generation backend
     fast_generation: bool = fld(True, "Sample with the adapter merged into fp32 weights and one prefill per prompt "
                                 "group (transformers generation); false: TRL's own generate.")
@@ -455,34 +451,6 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
     return logps, entropies
 
 
-def top_k_keep(rewards_per_func, weights, num_generations: int, k: int, aggregation: str):
-    """Which completions keep their advantage under ``reinforce_top_k = k``: per group of
-    ``num_generations`` consecutive rows, the ``k`` best by the aggregated reward (the weighted sum, or
-    for ``normalize_then_sum`` the weighted sum of the per-group normalised rewards, the order GRPO's
-    advantages follow); an unscorable row (every reward NaN) is never kept. Returns a bool tensor of
-    the rows; ``rewards_per_func`` is (rows, rewards), ``weights`` (rewards,).
-
-    >>> import torch
-    >>> r = torch.tensor([[0.1], [0.9], [0.5], [0.2], [float("nan")], [0.3]])
-    >>> top_k_keep(r, torch.ones(1), 3, 1, "sum_then_normalize").tolist()
-    [False, True, False, False, False, True]
-    """
-    import torch
-    from trl.trainer.utils import nanstd
-
-    g = rewards_per_func.view(-1, num_generations, rewards_per_func.size(-1))
-    w = weights.to(g.device, g.dtype)
-    if aggregation == "normalize_then_sum":
-        mean = torch.nanmean(g, dim=1, keepdim=True)
-        std = nanstd(g, dim=1, keepdim=True)
-        g = (g - mean) / (std + 1e-4)
-    unscorable = torch.isnan(g).all(dim=-1)
-    key = (torch.nan_to_num(g, nan=0.0) * w).sum(dim=-1).masked_fill(unscorable, float("-inf"))
-    top = key.topk(min(k, num_generations), dim=1).indices
-    keep = torch.zeros_like(key, dtype=torch.bool).scatter_(1, top, True) & ~unscorable
-    return keep.view(-1)
-
-
 def _trainer_class():
     """:class:`ECGGRPOTrainer`, built on first use so that importing this module does not import trl."""
     global ECGGRPOTrainer
@@ -501,25 +469,6 @@ def _trainer_class():
 
         fast_generation = True
         pack_groups = True
-        reinforce_top_k = 0
-        _all_rewards = None
-
-        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-            # The rewards of every process's completions: the groups may span processes.
-            self._all_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-            return self._all_rewards
-
-        def _generate_and_score_completions(self, inputs):
-            out = super()._generate_and_score_completions(inputs)
-            if self.reinforce_top_k and self.model.training and self._all_rewards is not None:
-                keep = top_k_keep(self._all_rewards, self.reward_weights, self.num_generations,
-                                  self.reinforce_top_k, self.multi_objective_aggregation)
-                n = out["advantages"].size(0)
-                keep = keep[self.accelerator.process_index * n:(self.accelerator.process_index + 1) * n]
-                adv = out["advantages"]
-                # A kept completion below its group's mean (k > half the group) is not pushed away either.
-                out["advantages"] = torch.where(keep.to(adv.device) & (adv > 0), adv, torch.zeros_like(adv))
-            return out
 
         def _packing(self) -> bool:
             return (self.pack_groups and not self.tools and not self._is_vlm and not self.aux_loss_enabled
@@ -829,7 +778,6 @@ def build_trainer(cfg: GRPOTrainConfig, train_rows: list[dict], args=None):
                   processing_class=tok, peft_config=peft_config)
     trainer.fast_generation = cfg.fast_generation
     trainer.pack_groups = cfg.pack_groups
-    trainer.reinforce_top_k = cfg.reinforce_top_k
     return trainer, base_ref
 
 
