@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.cli import setup_logging  # noqa: E402
-from utils.config import UserError, load_config  # noqa: E402
+from utils.cli import guarded, setup_logging  # noqa: E402
+from utils.config import load_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,11 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads; default: the recipe's")
     args = p.parse_args(argv)
     setup_logging("WARNING")
-    try:
-        return bench(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return guarded(lambda: bench(args))
 
 
 def bench(args) -> int:

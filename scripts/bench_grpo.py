@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils.cli import setup_logging  # noqa: E402
+from utils.cli import guarded, setup_logging  # noqa: E402
 from utils.config import UserError, load_config  # noqa: E402
 
 
@@ -267,41 +267,41 @@ def report(results: dict[str, dict]) -> str:
 def main(argv=None) -> int:
     setup_logging(os.environ.get("ECG_LOG_LEVEL", "WARNING"))
     args = parse(argv)
-    try:
-        if args.worker:
-            print("BENCH_RESULT " + json.dumps(worker(args)), flush=True)
-            return 0
-        grpo_config(args, "ours", tempfile.gettempdir())  # a bad config or --set stops here, before any run
-        results = {}
-        for side in [s.strip() for s in args.sides.split(",") if s.strip()]:
-            if side not in ("ours", "plain"):
-                raise UserError(f"--sides: {side!r}: expected ours and/or plain")
-            steps = args.plain_steps if side == "plain" and args.plain_steps is not None else args.steps
-            warmup = args.plain_warmup if side == "plain" and args.plain_warmup is not None else args.warmup
-            cmd = [sys.executable, __file__, "--worker", side, "--config", args.config, "--steps", str(steps),
-                   "--warmup", str(warmup)] + (["--policy", args.policy] if args.policy else [])
-            for kv in args.set:
-                cmd += ["--set", kv]
-            for kv in args.plain:
-                cmd += ["--plain", kv]
-            print(f"running {side} ({warmup} warm-up + {steps} measured steps) ...", file=sys.stderr,
-                  flush=True)
-            env = dict(os.environ)
-            if side == "ours":  # as grpo_train.py runs (see there); plain runs with the environment as it is
-                env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-            line = next((x for x in r.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
-            if r.returncode or line is None:
-                sys.stderr.write(r.stderr[-3000:])
-                raise UserError(f"the {side} side failed (exit {r.returncode}); its last output is above")
-            results[side] = json.loads(line[len("BENCH_RESULT "):])
-        print(report(results))
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return guarded(lambda: compare(args))
+
+
+def compare(args) -> None:
+    """The worker side (one side's measurement in this process), or both sides as subprocesses and the report."""
+    if args.worker:
+        print("BENCH_RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    grpo_config(args, "ours", tempfile.gettempdir())  # a bad config or --set stops here, before any run
+    results = {}
+    for side in [s.strip() for s in args.sides.split(",") if s.strip()]:
+        if side not in ("ours", "plain"):
+            raise UserError(f"--sides: {side!r}: expected ours and/or plain")
+        steps = args.plain_steps if side == "plain" and args.plain_steps is not None else args.steps
+        warmup = args.plain_warmup if side == "plain" and args.plain_warmup is not None else args.warmup
+        cmd = [sys.executable, __file__, "--worker", side, "--config", args.config, "--steps", str(steps),
+               "--warmup", str(warmup)] + (["--policy", args.policy] if args.policy else [])
+        for kv in args.set:
+            cmd += ["--set", kv]
+        for kv in args.plain:
+            cmd += ["--plain", kv]
+        print(f"running {side} ({warmup} warm-up + {steps} measured steps) ...", file=sys.stderr,
+              flush=True)
+        env = dict(os.environ)
+        if side == "ours":  # as grpo_train.py runs (see there); plain runs with the environment as it is
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        line = next((x for x in r.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
+        if r.returncode or line is None:
+            sys.stderr.write(r.stderr[-3000:])
+            raise UserError(f"the {side} side failed (exit {r.returncode}); its last output is above")
+        results[side] = json.loads(line[len("BENCH_RESULT "):])
+    print(report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

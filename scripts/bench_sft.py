@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.cli import setup_logging  # noqa: E402
-from utils.config import UserError, load_config  # noqa: E402
+from utils.cli import guarded, setup_logging  # noqa: E402
+from utils.config import load_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,14 +42,7 @@ def main(argv=None) -> int:
         print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
     setup_logging("WARNING")
-    try:
-        result = bench(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return guarded(lambda: bench(args))
 
 
 def bench(args) -> dict:
@@ -115,6 +108,8 @@ def bench(args) -> dict:
         result["recipe_train_minutes_estimate"] = round(recipe.max_steps * secs / args.steps / 60, 1)
     for k, v in result.items():
         print(f"{k:>32}: {v}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.cli import setup_logging  # noqa: E402
+from utils.cli import guarded, setup_logging  # noqa: E402
 from utils.config import UserError, load_config  # noqa: E402
 
 
@@ -41,24 +40,20 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", help="also write the figures (and every answer's total) here")
     args = p.parse_args(argv)
     setup_logging("WARNING")
-    try:
-        return probe(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return guarded(lambda: probe(args))
 
 
 def summarize(greedy: list[float], groups: list[list[float]]) -> dict:
     """The figures of one temperature from the greedy totals and each prompt's sampled totals."""
-    flat = [v for g in groups for v in g]
-    reinforced = [v > g0 for g, g0 in zip(groups, greedy) for v in g if v > statistics.mean(g)]
-    return {"greedy_mean": statistics.mean(greedy), "sample_mean": statistics.mean(flat),
+    pairs = [(v, g0, mean) for g, g0, mean in zip(groups, greedy, map(statistics.mean, groups)) for v in g]
+    reinforced = [v > g0 for v, g0, mean in pairs if v > mean]
+    return {"greedy_mean": statistics.mean(greedy), "sample_mean": statistics.mean(v for v, _, _ in pairs),
             "best_of_n_mean": statistics.mean(max(g) for g in groups),
-            "share_above_greedy": sum(v > g0 for g, g0 in zip(groups, greedy) for v in g) / len(flat),
+            "share_above_greedy": sum(v > g0 for v, g0, _ in pairs) / len(pairs),
             "reinforced_above_greedy": sum(reinforced) / len(reinforced) if reinforced else 0.0}
 
 
-def probe(args) -> int:
+def probe(args) -> None:
     import torch
 
     from utils.generation import generate, load_for_generation
@@ -103,9 +98,7 @@ def probe(args) -> int:
               f"{time.time() - t0:>7.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
-    logging.getLogger().setLevel(logging.WARNING)
     sys.exit(main())

@@ -20,15 +20,11 @@ def setup_logging(level: str | None = None) -> None:
     )
 
 
-def run(main: Callable[[T], object], cls: type[T], doc: str | None, argv: Sequence[str] | None = None) -> int:
-    """Parse flags onto ``cls``, call ``main(config)``; a :class:`UserError` becomes one line on stderr.
-
-    Exit codes: 0 done, 2 bad input (config, data, missing checkpoint), 130 interrupted.
-    """
-    setup_logging()
+def guarded(call: Callable[[], object]) -> int:
+    """Run ``call()``; a :class:`UserError` becomes one line on stderr. The exit code: 0 done, 2 bad input
+    (config, data, missing checkpoint), 130 interrupted."""
     try:
-        cfg = parse_args(cls, argv, description=doc)
-        main(cfg)
+        call()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -36,3 +32,9 @@ def run(main: Callable[[T], object], cls: type[T], doc: str | None, argv: Sequen
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def run(main: Callable[[T], object], cls: type[T], doc: str | None, argv: Sequence[str] | None = None) -> int:
+    """Parse flags onto ``cls`` and call ``main(config)``, with :func:`guarded`'s exit codes."""
+    setup_logging()
+    return guarded(lambda: main(parse_args(cls, argv, description=doc)))
