@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["utils.evaluation", "utils.formats", "utils.grpo", "utils.rewards", "utils.text"]
+MODULES = ["utils.evaluation", "utils.formats", "utils.rewards", "utils.text"]
 
 
 @pytest.mark.parametrize("name", MODULES)

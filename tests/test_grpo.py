@@ -89,8 +89,6 @@ def metrics_of(tmp_path: Path) -> dict:
     ({"use_vllm": "maybe"}, "key 'use_vllm' = 'maybe'"),
     ({"max_completion_length": 0}, "key 'max_completion_length' = 0: expected an integer > 0"),
     ({"rewards": {"reward_model": 1.0}}, "reward_model is not set"),
-    ({"greedy_completion": "first"}, "key 'greedy_completion' = 'first': expected one of none, member, baseline"),
-    ({"greedy_completion": "member", "fast_generation": False}, "greedy_completion member with fast_generation false"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, over, expected):
     path = tmp_path / "bad.yaml"
@@ -190,56 +188,6 @@ def test_grouped_generation_matches_plain_generate(tiny_llama):
         plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)[:, width:]
     assert grouped.tolist() == plain.tolist()
     assert _trim_after_eos(torch.tensor([[5, 1, 7], [5, 6, 7]]), [1]) == [[5, 1], [5, 6, 7]]
-
-
-@pytest.mark.slow
-def test_greedy_rows_decode_greedily_among_samples(tiny_llama):
-    """The rows named greedy give plain greedy generate()'s tokens while the rest of the batch samples."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from utils.grpo import generate_grouped
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    torch.manual_seed(2)
-    distinct = [torch.randint(10, 5000, (n,)).tolist() for n in (7, 4)]
-    prompts = [distinct[0]] * 3 + [distinct[1]] * 3
-    sample = GenerationConfig(do_sample=True, temperature=1.5, top_p=1.0, top_k=0, max_new_tokens=8, pad_token_id=0,
-                              eos_token_id=[1])
-    greedy = GenerationConfig(do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=[1])
-    with torch.no_grad():
-        out = generate_grouped(model, prompts, sample, pad_token_id=0, greedy=[0, 3])
-        for row, p in ((0, distinct[0]), (3, distinct[1])):
-            plain = model.generate(input_ids=torch.tensor([p]), generation_config=greedy)[0, len(p):]
-            assert out[row, :len(plain)].tolist() == plain.tolist()
-            assert all(out[r].tolist() != out[row].tolist() for r in (row + 1, row + 2))  # those sampled
-
-
-def test_greedy_rows_and_advantages_relative_to_greedy():
-    import torch
-
-    from utils.grpo import greedy_rows, relative_to_greedy
-
-    # two processes, 6 rows each, groups of 4: global rows 0, 4, 8 start a group
-    assert greedy_rows(6, 0, 4) == [0, 4] and greedy_rows(6, 1, 4) == [2]
-    adv = torch.tensor([1.0, 2.0, 0.0, -3.0, -1.0, -1.0, 1.0, 1.0])
-    assert relative_to_greedy(adv, 4).tolist() == [0.0, 1.0, -1.0, -4.0, 0.0, 0.0, 2.0, 2.0]
-
-
-@pytest.mark.slow
-def test_tiny_run_with_the_greedy_answer_as_baseline(tmp_path, processed, tiny_llama, capsys, monkeypatch):
-    """greedy_completion: baseline trains, and the logged samples show each group's greedy answer with
-    advantage 0 and the others' advantages measured from it."""
-    monkeypatch.setenv("ECG_MODELS_DIR", str(tmp_path / "models"))
-    cfg = tiny_config(tmp_path, tiny_llama, processed, num_generations=4, batch_size=8, per_device_batch_size=8,
-                      max_steps=1, heldout_prompts=0, greedy_completion="baseline", temperature=1.5)
-    code, err = run_cli(["--config", str(cfg)], capsys)
-    assert code == 0, err
-    items = json.loads((tmp_path / "run/samples.jsonl").read_text().splitlines()[0])["items"]
-    assert [x["greedy"] for x in items] == [True, False, False, False] * 2
-    assert all(x["advantage"] == 0.0 for x in items if x["greedy"])
-    assert any(x["advantage"] != 0.0 for x in items if not x["greedy"])
-    assert metrics_of(tmp_path)["global_step"] == 1
 
 
 @pytest.mark.slow

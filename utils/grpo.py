@@ -51,7 +51,6 @@ from utils.training import (TrainConfig, configure_threads, gradient_accumulatio
 log = logging.getLogger(__name__)
 
 LOSS_TYPES = ["grpo", "dr_grpo", "dapo", "bnpo"]
-GREEDY_MODES = ["none", "member", "baseline"]
 HELDOUT_LOG = "heldout.jsonl"   # in the run folder: every held-out evaluation, answers included
 SAMPLES_LOG = "samples.jsonl"   # in the run folder: the sample completions logged every sample_steps
 
@@ -99,11 +98,6 @@ class GRPOTrainConfig(TrainConfig, RewardMix):
     mask_truncated_completions: bool = fld(False, "Leave completions cut at max_completion_length out of the loss.")
     num_iterations: int = fld(1, "Optimizer passes over each generated batch (mu in the GRPO paper).",
                               check=(positive, "an integer > 0"))
-    greedy_completion: str = fld("none", "The first completion of each group is the greedy answer (the one the "
-                                 "held-out reward and chat read) instead of a sample: none (all sampled), member "
-                                 "(trained with its group-relative advantage like the samples), baseline (ReMax: "
-                                 "each sample's advantage is taken relative to the greedy answer's, which itself "
-                                 "is not trained). Needs fast_generation.", choices=GREEDY_MODES)
     # ---- generation backend
     fast_generation: bool = fld(True, "Sample with the adapter merged into fp32 weights and one prefill per prompt "
                                 "group (transformers generation); false: TRL's own generate.")
@@ -156,10 +150,6 @@ class GRPOTrainConfig(TrainConfig, RewardMix):
         if self.use_vllm is True and self.quantization != "none":
             raise ValueError(f"use_vllm with quantization {self.quantization}: vLLM cannot load the bitsandbytes "
                              "base with its adapter; expected quantization: none or use_vllm: false")
-        if self.greedy_completion != "none" and not self.fast_generation:
-            raise ValueError(f"greedy_completion {self.greedy_completion} with fast_generation false: the greedy "
-                             "member of each group is made by the fast generation path; expected fast_generation: "
-                             "true or greedy_completion: none")
         if self.vllm_server_base_url and not self.vllm_server_base_url.startswith(("http://", "https://")):
             raise ValueError(f"vllm_server_base_url {self.vllm_server_base_url!r}: expected http://host:port")
 
@@ -227,9 +217,6 @@ def check_backends(cfg: GRPOTrainConfig) -> None:
                             "or set use_vllm: false to generate with transformers")
         if not has_cuda():
             raise UserError("use_vllm: true needs a CUDA GPU; set use_vllm: false on this machine")
-    if cfg.greedy_completion != "none" and vllm_wanted(cfg):
-        raise UserError(f"greedy_completion: {cfg.greedy_completion} is made by the transformers generation path, "
-                        "not vLLM; set use_vllm: false or greedy_completion: none")
     wants_ds = (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
                 or "deepspeed" in cfg.trainer_extra)
     if wants_ds and importlib.util.find_spec("deepspeed") is None:
@@ -325,12 +312,10 @@ def merged_adapter(model):
         model.unmerge_adapter()
 
 
-def generate_grouped(model, prompt_ids: list[list[int]], generation_config, pad_token_id: int,
-                     greedy: list[int] = ()) -> "Any":
+def generate_grouped(model, prompt_ids: list[list[int]], generation_config, pad_token_id: int) -> "Any":
     """``model.generate`` for a batch in which prompts repeat (GRPO's groups): the prompts are left-padded,
     each distinct prompt's prefill (all but its last token) runs once, and its KV cache is copied to every
-    row that asks it; generation then goes on from the last prompt token. The rows in ``greedy``
-    take the most likely token at every step while the others sample. Returns the generated ids
+    row that asks it; generation then goes on from the last prompt token. Returns the generated ids
     (rows x new tokens), in the order of ``prompt_ids``."""
     import torch
     from transformers import DynamicCache
@@ -355,53 +340,9 @@ def generate_grouped(model, prompt_ids: list[list[int]], generation_config, pad_
         model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
               past_key_values=past, use_cache=True, logits_to_keep=1)
         past.batch_select_indices(index)
-    extra = {"logits_processor": [GreedyRows(greedy)]} if greedy else {}
     out = model.generate(input_ids=ids[index], attention_mask=mask[index], past_key_values=past,
-                         generation_config=generation_config, **extra)
+                         generation_config=generation_config)
     return out[:, width:]
-
-
-class GreedyRows:
-    """A logits processor that leaves only the most likely token to the given batch rows, so that they decode
-    greedily while the rest of the batch samples (temperature and top-p keep a lone finite score as it is)."""
-
-    def __init__(self, rows):
-        self.rows = list(rows)
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        rows = torch.tensor(self.rows, device=scores.device)
-        best = scores[rows].argmax(dim=-1, keepdim=True)
-        forced = torch.full_like(scores[rows], -math.inf).scatter(-1, best, scores[rows].gather(-1, best))
-        scores = scores.clone()
-        scores[rows] = forced
-        return scores
-
-
-def greedy_rows(n_local: int, process_index: int, num_generations: int) -> list[int]:
-    """The local rows that hold the first completion of their group: TRL repeats each prompt
-    ``num_generations`` times in a row over the whole (all-process) batch and gives each process a
-    contiguous slice of it.
-
-    >>> greedy_rows(8, 0, 4), greedy_rows(6, 1, 4)
-    ([0, 4], [2])
-    """
-    start = process_index * n_local
-    return [i for i in range(n_local) if (start + i) % num_generations == 0]
-
-
-def relative_to_greedy(advantages, num_generations: int):
-    """ReMax's baseline inside GRPO: each completion's advantage minus its group's first (greedy) one, which
-    becomes 0. ``advantages`` covers the whole batch, groups in a row. With group-normalised rewards this is
-    (reward - greedy reward) / group std: a sample is pushed up only when it beats the greedy answer.
-
-    >>> import torch
-    >>> relative_to_greedy(torch.tensor([0.5, 1.0, -1.5, 1.0, -1.0, 0.0]), 3).tolist()
-    [0.0, 0.5, -2.0, 0.0, -2.0, -1.0]
-    """
-    grouped = advantages.view(-1, num_generations)
-    return (grouped - grouped[:, :1]).view(-1)
 
 
 def _trim_after_eos(completion_ids, eos_token_ids: list[int]) -> list[list[int]]:
@@ -528,23 +469,6 @@ def _trainer_class():
 
         fast_generation = True
         pack_groups = True
-        greedy_completion = "none"
-
-        def _greedy_member(self) -> bool:
-            return self.greedy_completion != "none" and self.model.training
-
-        def _generate_and_score_completions(self, inputs):
-            out = super()._generate_and_score_completions(inputs)
-            if self._greedy_member() and self.greedy_completion == "baseline":
-                n = out["advantages"].size(0)
-                every = relative_to_greedy(self.accelerator.gather(out["advantages"]), self.num_generations)
-                i = self.accelerator.process_index
-                out["advantages"] = every[i * n:(i + 1) * n]
-                logged = self._logs["advantages"]  # the sample log shows the advantages the loss uses
-                for _ in range(every.numel()):
-                    logged.pop()
-                logged.extend(every.tolist())
-            return out
 
         def _packing(self) -> bool:
             return (self.pack_groups and not self.tools and not self._is_vlm and not self.aux_loss_enabled
@@ -605,10 +529,7 @@ def _trainer_class():
                                               gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
                   as unwrapped, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False),
                   merged_adapter(unwrapped)):
-                greedy = (greedy_rows(len(prompt_ids), self.accelerator.process_index, num_generations)
-                          if self._greedy_member() else [])
-                new = generate_grouped(unwrapped, prompt_ids, self.generation_config, self._tokenizer.pad_token_id,
-                                       greedy)
+                new = generate_grouped(unwrapped, prompt_ids, self.generation_config, self._tokenizer.pad_token_id)
             return _trim_after_eos(new, self.eos_token_ids), None
 
     ECGGRPOTrainer = _Trainer
@@ -774,8 +695,7 @@ class SampleLogger(_Callback):
             items.append({"question": completion_text([m for m in prompt if m.get("role") == "user"][-1:]),
                           "completion": completion_text(logs["completion"][i]),
                           "rewards": {k: _num(logs["rewards"][k][i]) for k in names},
-                          "advantage": _num(logs["advantages"][i]),
-                          "greedy": self.cfg.greedy_completion != "none" and i % self.cfg.num_generations == 0})
+                          "advantage": _num(logs["advantages"][i])})
         with (Path(self.cfg.run_dir) / SAMPLES_LOG).open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": state.global_step, "items": items}, ensure_ascii=False) + "\n")
         writer = _tb_writer(self.trainer)
@@ -858,7 +778,6 @@ def build_trainer(cfg: GRPOTrainConfig, train_rows: list[dict], args=None):
                   processing_class=tok, peft_config=peft_config)
     trainer.fast_generation = cfg.fast_generation
     trainer.pack_groups = cfg.pack_groups
-    trainer.greedy_completion = cfg.greedy_completion
     return trainer, base_ref
 
 
