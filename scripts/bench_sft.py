@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.cli import guarded, setup_logging  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.config import UserError, load_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,14 +38,13 @@ def main(argv=None) -> int:
     p.add_argument("--num-threads", type=int, default=-1, help="torch CPU threads; default: the recipe's")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
-        return 2
     setup_logging("WARNING")
     return guarded(lambda: bench(args))
 
 
 def bench(args) -> dict:
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError("--steps must be >= 1 and --warmup >= 0")
     import torch
     from transformers import TrainerCallback
 
