@@ -14,12 +14,14 @@ export ECG_RAW_DIR ?= $(if $(wildcard data/raw/ECG-Expert-QA),data/raw/ECG-Exper
 .PHONY: setup test test-fast demo clean
 setup: $(VENV)/.setup-done
 
-$(VENV)/.setup-done: requirements.txt requirements-offline.txt
+$(VENV)/.setup-done: requirements.txt requirements-offline.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
+	# the library as an editable package: scripts, tests and notebooks import `utils` the same way
+	$(PY) -m pip install -q --no-deps -e .
 	# METEOR's WordNet, offline; evaluation leaves METEOR empty (with a warning) if this fails
 	PY=$(PY) bash scripts/setup_wordnet.sh || echo "WordNet not installed: METEOR will be left empty"
 	touch $@

@@ -1,4 +1,4 @@
-"""Chat with a model of the pipeline: interactively in a terminal, or one question at a time for scripts.
+"""Phase 6: chat with a model of the pipeline, interactively in a terminal or one question at a time.
 
 Usage:
     python chat.py --config configs/cpu/chat.yaml                    # the recipe's final model (rlhf)
@@ -16,8 +16,10 @@ on stderr in one-shot mode. A research model: its answers are not medical advice
 
 import sys
 
-from utils.chat import ChatConfig, run_chat
-from utils.cli import run
+from utils.chat.session import ChatConfig
+from utils.chat.terminal import run_chat
+from utils.core.cli import run
+from utils.core.runtime import configure_process
 
 
 def main(config: ChatConfig):
@@ -25,4 +27,5 @@ def main(config: ChatConfig):
 
 
 if __name__ == "__main__":
+    configure_process()  # before anything imports torch: OpenMP wait policy, allocator
     sys.exit(run(main, ChatConfig, __doc__))

@@ -1,4 +1,4 @@
-"""Phase 6: tell whether fine-tuning worked. Every model answers the same test questions; the answers are
+"""Phase 5: tell whether fine-tuning worked. Every model answers the same test questions; the answers are
 scored (BLEU-1, ROUGE-L, METEOR, yes/no accuracy, key terms, numbers, semantic similarity, reward model,
 format, length, optionally a judge model) and compared with confidence intervals and paired tests.
 
@@ -20,8 +20,10 @@ interruption, generates only what is missing. Writes reports/<run>/ (run: the mo
 
 import sys
 
-from utils.cli import run
-from utils.evaluation import EvalConfig, headline, run_evaluation
+from utils.core.cli import run
+from utils.core.runtime import configure_process
+from utils.evaluation.config import EvalConfig
+from utils.evaluation.run import headline, run_evaluation
 
 
 def main(config: EvalConfig):
@@ -31,4 +33,5 @@ def main(config: EvalConfig):
 
 
 if __name__ == "__main__":
+    configure_process()  # before anything imports torch: OpenMP wait policy, allocator
     sys.exit(run(main, EvalConfig, __doc__))

@@ -18,16 +18,12 @@ go to runs/grpo/; the finished policy to models/rlhf/: adapter, tokenizer, train
 metrics.json (held-out reward before and after, per reward), README.md (and merged/ with --merge).
 """
 
-import os
 import sys
 
-# Spinning OpenMP threads wait out a peer that another job descheduled: on a shared CPU, decoding (many
-# small parallel ops) ran 2.5x slower with the default wait policy than with passive waiting. Read by the
-# OpenMP runtime when torch loads, so it is set before anything imports torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from utils.cli import run  # noqa: E402
-from utils.grpo import GRPOTrainConfig, run_grpo  # noqa: E402
+from utils.core.cli import run
+from utils.core.runtime import configure_process
+from utils.training.grpo.config import GRPOTrainConfig
+from utils.training.grpo.run import run_grpo
 
 
 def main(config: GRPOTrainConfig):
@@ -35,4 +31,5 @@ def main(config: GRPOTrainConfig):
 
 
 if __name__ == "__main__":
+    configure_process()  # before anything imports torch: OpenMP wait policy, allocator
     sys.exit(run(main, GRPOTrainConfig, __doc__))

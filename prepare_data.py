@@ -11,8 +11,9 @@ records.jsonl, and data_card.{md,json}: counts per task and split, cleaning, tok
 
 import sys
 
-from utils.cli import run
-from utils.prepare import PrepareConfig, run_prepare
+from utils.core.cli import run
+from utils.core.runtime import configure_process
+from utils.data.prepare import PrepareConfig, run_prepare
 
 
 def main(config: PrepareConfig):
@@ -20,4 +21,5 @@ def main(config: PrepareConfig):
 
 
 if __name__ == "__main__":
+    configure_process()  # before anything imports torch: OpenMP wait policy, allocator
     sys.exit(run(main, PrepareConfig, __doc__))

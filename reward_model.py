@@ -21,9 +21,10 @@ not ranked below the reference.
 
 import sys
 
-from utils.cli import run
-from utils.reward_model import SUBCOMMANDS, RewardModelConfig, audit_table, run_audit, run_terms, score_file, \
-    train_reward_model
+from utils.core.cli import run
+from utils.core.runtime import configure_process
+from utils.rewards.audit import audit_table, run_audit, run_terms, score_file
+from utils.training.reward_model import SUBCOMMANDS, RewardModelConfig, train_reward_model
 
 
 def main(config: RewardModelConfig):
@@ -54,6 +55,7 @@ def terms(config: RewardModelConfig):
 
 
 if __name__ == "__main__":
+    configure_process()  # before anything imports torch: OpenMP wait policy, allocator
     argv = sys.argv[1:]
     command = "train"
     if argv and not argv[0].startswith("-"):

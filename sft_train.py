@@ -15,8 +15,9 @@ and the finished model to models/sft/: adapter, tokenizer, train_config.yaml, me
 
 import sys
 
-from utils.cli import run
-from utils.sft import SFTTrainConfig, run_sft
+from utils.core.cli import run
+from utils.core.runtime import configure_process
+from utils.training.sft import SFTTrainConfig, run_sft
 
 
 def main(config: SFTTrainConfig):
@@ -24,4 +25,5 @@ def main(config: SFTTrainConfig):
 
 
 if __name__ == "__main__":
+    configure_process()  # before anything imports torch: OpenMP wait policy, allocator
     sys.exit(run(main, SFTTrainConfig, __doc__))

@@ -16,12 +16,10 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.cli import guarded, setup_logging  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.core.cli import guarded, setup_logging
+from utils.core.config import load_config
+from utils.core.runtime import configure_process
 
 
 def main(argv=None) -> int:
@@ -40,9 +38,10 @@ def main(argv=None) -> int:
 def bench(args) -> int:
     import torch
 
-    from utils import generation
-    from utils.evaluation import (EvalConfig, load_items, load_wordnet, prompt_for, resolve_models,
-                                  reward_model_status, score_answers)
+    from utils.evaluation.answers import prompt_for, resolve_models
+    from utils.evaluation.config import EvalConfig, load_items
+    from utils.evaluation.metrics import load_wordnet, reward_model_status, score_answers
+    from utils.models import generation
 
     over = {"models": [args.model], "limit": args.n, "per_task": 0}
     if args.max_new_tokens:
@@ -90,5 +89,6 @@ def bench(args) -> int:
 
 
 if __name__ == "__main__":
+    configure_process()
     logging.getLogger().setLevel(logging.WARNING)
     sys.exit(main())

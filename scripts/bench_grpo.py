@@ -14,7 +14,7 @@ with the same LoRA adapter), the same prompts in the same order, the same number
 completion length and the same rewards:
 
 * ours: the trainer grpo_train.py builds from the config (utils.grpo.build_trainer), held-out reward and
-  sample logging off, with OMP_WAIT_POLICY=PASSIVE as grpo_train.py sets it;
+  sample logging off, with grpo_train.py's process tuning (utils.core.runtime);
 * plain: ``trl.GRPOTrainer`` with GRPOConfig's defaults for everything else (per-device batch 8, no
   gradient accumulation, gradient checkpointing, bf16 autocast, TRL's generate).
 
@@ -38,11 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from utils.core.cli import guarded, setup_logging
+from utils.core.config import UserError, load_config
+from utils.core.runtime import configure_process
 
-from utils.cli import guarded, setup_logging  # noqa: E402
-from utils.config import UserError, load_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse(argv=None):
@@ -65,7 +65,7 @@ def parse(argv=None):
 
 
 def grpo_config(args, side: str, run_dir: str):
-    from utils.grpo import GRPOTrainConfig
+    from utils.training.grpo.config import GRPOTrainConfig
 
     overrides = {"heldout_prompts": 0, "sample_steps": 0, "report_to": [], "resume": "never",
                  "save_steps": 10**6, "run_dir": run_dir, "output_dir": str(Path(run_dir) / "out"),
@@ -162,7 +162,8 @@ def _yaml_value(v: str):
 
 def build_side(side: str, cfg, plain_over: list[str] = ()):
     """The trainer of one side, on the same policy, prompts, LoRA and rewards."""
-    from utils.grpo import build_trainer, load_prompts, to_dataset
+    from utils.training.grpo.config import load_prompts, to_dataset
+    from utils.training.grpo.run import build_trainer
 
     rows = load_prompts(cfg, "train", cfg.max_train_prompts)
     if side == "ours":
@@ -171,8 +172,8 @@ def build_side(side: str, cfg, plain_over: list[str] = ()):
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
-    from utils.grpo import load_policy
-    from utils.training import load_train_tokenizer
+    from utils.training.config import load_train_tokenizer
+    from utils.training.grpo.policy import load_policy
 
     funcs, weights = cfg.build()
     model, peft_config, _ = load_policy(cfg)
@@ -273,6 +274,8 @@ def main(argv=None) -> int:
 def compare(args) -> None:
     """The worker side (one side's measurement in this process), or both sides as subprocesses and the report."""
     if args.worker:
+        if args.worker == "ours":
+            configure_process()  # as grpo_train.py runs; plain TRL runs with the process as it is
         print("BENCH_RESULT " + json.dumps(worker(args)), flush=True)
         return
     grpo_config(args, "ours", tempfile.gettempdir())  # a bad config or --set stops here, before any run
@@ -290,10 +293,7 @@ def compare(args) -> None:
             cmd += ["--plain", kv]
         print(f"running {side} ({warmup} warm-up + {steps} measured steps) ...", file=sys.stderr,
               flush=True)
-        env = dict(os.environ)
-        if side == "ours":  # as grpo_train.py runs (see there); plain runs with the environment as it is
-            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         line = next((x for x in r.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
         if r.returncode or line is None:
             sys.stderr.write(r.stderr[-3000:])

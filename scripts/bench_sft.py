@@ -22,10 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.cli import guarded, setup_logging  # noqa: E402
-from utils.config import UserError, load_config  # noqa: E402
+from utils.core.cli import guarded, setup_logging
+from utils.core.config import UserError, load_config
+from utils.core.runtime import configure_process
 
 
 def main(argv=None) -> int:
@@ -48,8 +47,9 @@ def bench(args) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from utils.sft import SFTTrainConfig, build_trainer, check_base_model, load_examples
-    from utils.training import gradient_accumulation, peak_rss_mb
+    from utils.training.config import gradient_accumulation
+    from utils.training.run import peak_rss_mb
+    from utils.training.sft import SFTTrainConfig, build_trainer, check_base_model, load_examples
 
     recipe = load_config(SFTTrainConfig, args.config)
     total = args.warmup + args.steps
@@ -113,5 +113,6 @@ def bench(args) -> dict:
 
 
 if __name__ == "__main__":
+    configure_process()
     logging.captureWarnings(True)
     sys.exit(main())

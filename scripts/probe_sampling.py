@@ -23,10 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.cli import guarded, setup_logging  # noqa: E402
-from utils.config import UserError, load_config  # noqa: E402
+from utils.core.cli import guarded, setup_logging
+from utils.core.config import UserError, load_config
+from utils.core.runtime import configure_process
 
 
 def main(argv=None) -> int:
@@ -56,8 +55,8 @@ def summarize(greedy: list[float], groups: list[list[float]]) -> dict:
 def probe(args) -> None:
     import torch
 
-    from utils.generation import generate, load_for_generation
-    from utils.grpo import GRPOTrainConfig, heldout_rows
+    from utils.models.generation import generate, load_for_generation
+    from utils.training.grpo.config import GRPOTrainConfig, heldout_rows
 
     over = {"heldout_prompts": args.prompts}
     if args.policy:
@@ -101,4 +100,5 @@ def probe(args) -> None:
 
 
 if __name__ == "__main__":
+    configure_process()
     sys.exit(main())

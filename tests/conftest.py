@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer Llama with the real Llama-3 tokenizer and Llama-3.2 template."""
-    from utils.models import build_tiny_llama
+    from utils.models.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
@@ -34,8 +34,8 @@ def real_raw_dir() -> Path:
 @pytest.fixture
 def processed(tmp_path, raw_dir) -> Path:
     """data/processed written from the fixture files, without the tokenizer step."""
-    from utils.config import load_config
-    from utils.prepare import PrepareConfig, run_prepare
+    from utils.core.config import load_config
+    from utils.data.prepare import PrepareConfig, run_prepare
 
     cfg = load_config(PrepareConfig, None, {"raw_dir": str(raw_dir), "out_dir": str(tmp_path / "processed"),
                                             "system_prompt_file": str(ROOT / "data/system_prompt.txt"),

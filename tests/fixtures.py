@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from utils.data import TASKS
+from utils.data.raw import TASKS
 
 # Ten generic ECG facts reused to give each QA file enough items to split.
 FACTS = [

@@ -15,10 +15,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from utils.chat import (NOTICE, ChatConfig, ChatSession, ContextFull, Reply, ReplyPrinter, SectionSplitter, Style,
-                        chat_loop, fit_history, handle_command, one_shot, render_prompt, trained_format)
-from utils.config import UserError, load_config
-from utils.formats import THINK_CLOSE, THINK_OPEN, parse, render
+from utils.chat.session import (
+    NOTICE,
+    ChatConfig,
+    ChatSession,
+    ContextFull,
+    Reply,
+    SectionSplitter,
+    fit_history,
+    render_prompt,
+    trained_format,
+)
+from utils.chat.terminal import ReplyPrinter, Style, chat_loop, handle_command, one_shot
+from utils.core.config import UserError, load_config
+from utils.data.formats import THINK_CLOSE, THINK_OPEN, parse, render
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -282,7 +292,7 @@ def test_chat_loop_keeps_the_answers_and_leaves_at_end_of_input():
 # ============================================================================= with the tiny model (slow)
 @pytest.fixture(scope="module")
 def tiny_session_parts(tiny_llama):
-    from utils.chat import load_for_chat
+    from utils.chat.session import load_for_chat
 
     return load_for_chat(str(tiny_llama), cfg(device="cpu"))
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from utils.config import ConfigError, fld, load_config, parse_args, positive
 from tests.conftest import ROOT
+from utils.core.config import ConfigError, fld, load_config, parse_args, positive
 
 
 @dataclass

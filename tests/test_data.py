@@ -7,20 +7,20 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
 from tests.fixtures import shapes, write_raw
-from utils.config import load_config
-from utils.data import (TASKS, CleanOptions, DataError, git_blob_sha1, load_raw, near_duplicate_groups,
-                        split_records)
-from utils.prepare import PrepareConfig, run_prepare
-from utils.text import extract_numbers, followup_interval, jaccard, words
+from utils.core.config import load_config
+from utils.data.download import git_blob_sha1
+from utils.data.prepare import PrepareConfig, run_prepare
+from utils.data.raw import TASKS, CleanOptions, load_raw
+from utils.data.rows import DataError
+from utils.data.split import near_duplicate_groups, split_records
+from utils.data.text import extract_numbers, followup_interval, jaccard, words
 
 SYSTEM = "SYS"
 
@@ -317,7 +317,7 @@ def test_download_verifies_and_prepares(tmp_path, server):
 
 
 def test_download_rejects_wrong_file(tmp_path, server):
-    from utils.data import download
+    from utils.data.download import download
 
     www, base = server
     (www / "a.zip").write_bytes(_archive({TASKS["EBK"].file: b'[{"Q": "tampered?", "A": "x."}]'}))

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from utils.config import ConfigError, UserError, load_config
-from utils.evaluation import (EvalConfig, bleu1, bootstrap_ci, majority_baseline, meteor, model_fingerprint,
-                              paired_comparison, parse_judge_score, sample_rows, score_answers,
-                              term_precision_recall)
-from utils.rewards import parse_lexicon
+from utils.core.config import ConfigError, UserError, load_config
+from utils.evaluation.answers import model_fingerprint
+from utils.evaluation.config import EvalConfig, sample_rows
+from utils.evaluation.judge import parse_judge_score
+from utils.evaluation.metrics import bleu1, meteor, score_answers, term_precision_recall
+from utils.evaluation.stats import bootstrap_ci, majority_baseline, paired_comparison
+from utils.rewards.lexicon import parse_lexicon
 
 YAMLS = ["configs/cpu/eval.yaml", "configs/llama-3.2-3b/eval.yaml"]
 
@@ -44,7 +46,7 @@ def test_bleu1_hand_checked():
 
 @pytest.mark.slow  # loads WordNet
 def test_meteor_hand_checked():
-    from utils.evaluation import load_wordnet
+    from utils.evaluation.metrics import load_wordnet
 
     wn = load_wordnet()
     if wn is None:
@@ -59,7 +61,7 @@ def test_meteor_hand_checked():
 def test_meteor_degrades_without_wordnet(tmp_path, monkeypatch, caplog):
     import nltk
 
-    from utils import evaluation
+    from utils.evaluation import metrics as evaluation
 
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
     monkeypatch.delenv("NLTK_DATA", raising=False)
@@ -84,7 +86,7 @@ def test_term_precision_recall_hand_checked():
 @pytest.mark.slow  # loads the sentence-embedding model
 def test_scores_come_from_the_rewards(tmp_path):
     """The overlapping metrics are the reward functions' values, and key-term P/R agree with their F1."""
-    from utils.rewards import REWARDS
+    from utils.rewards.mix import REWARDS
 
     cfg = cfg_for(tmp_path)
     rows = [{"id": "a", "task": "PRTK", "question": "May I see my ECG?", "reference": "Yes, you may see your ECG.",
@@ -193,7 +195,7 @@ def fake_model(tmp_path) -> Path:
 
 def run_cli(argv, capsys) -> tuple[int, str]:
     import evaluate
-    from utils.cli import run
+    from utils.core.cli import run
 
     rc = run(evaluate.main, EvalConfig, evaluate.__doc__, argv)
     return rc, capsys.readouterr().err
@@ -252,7 +254,7 @@ class CountingGenerate:
     """Wraps utils.generation.generate: counts prompts, and can fail on the n-th call (an interruption)."""
 
     def __init__(self, monkeypatch, fail_on_call: int | None = None):
-        from utils import generation
+        from utils.models import generation
 
         self.real, self.prompts, self.calls, self.fail_on_call = generation.generate, 0, 0, fail_on_call
         monkeypatch.setattr(generation, "generate", self)
@@ -271,7 +273,7 @@ def cache_lines(tmp_path) -> int:
 
 @pytest.mark.slow
 def test_cache_and_resume(tmp_path, tiny_llama, processed, monkeypatch):
-    from utils.evaluation import run_evaluation
+    from utils.evaluation.run import run_evaluation
 
     test_file = str(processed / "eval/test.jsonl")
     n = len([line for line in Path(test_file).read_text().splitlines() if line.strip()])
@@ -306,7 +308,7 @@ def test_cache_and_resume(tmp_path, tiny_llama, processed, monkeypatch):
 
 @pytest.mark.slow
 def test_user_file_mode(tmp_path, tiny_llama):
-    from utils.evaluation import run_evaluation
+    from utils.evaluation.run import run_evaluation
 
     f = tmp_path / "mine.jsonl"
     f.write_text("\n".join(json.dumps(x) for x in [
@@ -329,7 +331,8 @@ def test_user_file_mode(tmp_path, tiny_llama):
 @pytest.mark.slow
 def test_report_files(tmp_path, tiny_llama, processed):
     """Two models (the second a copy with a training log): the report, its table, images and curves."""
-    from utils.evaluation import METRIC_BY_NAME, run_evaluation
+    from utils.evaluation.metrics import METRIC_BY_NAME
+    from utils.evaluation.run import run_evaluation
 
     sft = tmp_path / "tiny-sft"
     shutil.copytree(tiny_llama, sft)
@@ -382,7 +385,7 @@ def test_report_files(tmp_path, tiny_llama, processed):
 
 
 def test_training_history_sources(tmp_path):
-    from utils.report import curve_series, training_history
+    from utils.evaluation.report import curve_series, training_history
 
     folder = tmp_path / "m"
     run_dir = tmp_path / "runs" / "grpo"
@@ -446,7 +449,7 @@ class JudgeServer:
 
 @pytest.mark.slow
 def test_judge_openai_endpoint(tmp_path, tiny_llama, processed, monkeypatch):
-    from utils.evaluation import run_evaluation
+    from utils.evaluation.run import run_evaluation
 
     monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test")
     server = JudgeServer()
@@ -472,7 +475,7 @@ def test_judge_openai_endpoint(tmp_path, tiny_llama, processed, monkeypatch):
 
 
 def test_judge_endpoint_down_is_one_line(tmp_path):
-    from utils.evaluation import openai_chat
+    from utils.evaluation.judge import openai_chat
 
     with pytest.raises(UserError) as e:
         openai_chat("http://127.0.0.1:9/v1", "m", [{"role": "user", "content": "x"}], 8, None, 5)
@@ -481,7 +484,7 @@ def test_judge_endpoint_down_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_judge_local_model(tmp_path, tiny_llama, processed):
-    from utils.evaluation import run_evaluation
+    from utils.evaluation.run import run_evaluation
 
     cfg = cfg_for(tmp_path, models=[str(tiny_llama)], test_file=str(processed / "eval/test.jsonl"), limit=3,
                   judge="local", judge_model=str(tiny_llama), judge_max_new_tokens=4)
@@ -496,7 +499,7 @@ def test_judge_local_model(tmp_path, tiny_llama, processed):
 
 
 def test_missing_reward_model_is_a_note(tmp_path, monkeypatch):
-    from utils.evaluation import reward_model_status
+    from utils.evaluation.metrics import reward_model_status
 
     monkeypatch.setenv("ECG_MODELS_DIR", str(tmp_path))
     rm, note = reward_model_status(cfg_for(tmp_path, reward_model="reward"))
@@ -505,7 +508,7 @@ def test_missing_reward_model_is_a_note(tmp_path, monkeypatch):
 
 
 def test_answer_cache_survives_a_torn_write(tmp_path):
-    from utils.evaluation import AnswerCache, ModelSpec
+    from utils.evaluation.answers import AnswerCache, ModelSpec
 
     spec = ModelSpec("m", "m", "m", "fp", "plain")
     row, prompt = {"id": "a"}, [{"role": "user", "content": "Q?"}]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from utils.formats import FORMAT_INSTRUCTIONS
-from utils.generation import generate, load_for_generation, stop_token_ids, with_format_instructions
+from utils.data.formats import FORMAT_INSTRUCTIONS, with_format_instructions
+from utils.models.generation import generate, load_for_generation, stop_token_ids
 
 SYSTEM = {"role": "system", "content": "You are a careful ECG assistant."}
 
@@ -50,7 +50,7 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny):
 
 def test_generation_stops_at_max_new_tokens_and_drops_the_prompt(tiny):
     model, tok = tiny
-    import utils.generation as g
+    import utils.models.generation as g
 
     (out,) = generate(model, tok, PROMPTS[:1], max_new_tokens=5)
     assert g.last_stats.new_tokens <= 5 and g.last_stats.prompts == 1

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-from utils.cli import run
-from utils.config import ConfigError, load_config
-
 import grpo_train
-from utils.grpo import GRPOTrainConfig, _prepare_run_dir, heldout_summary, paired_change, samples_markdown
+from tests.conftest import ROOT
+from utils.core.cli import run
+from utils.core.config import ConfigError, load_config
+from utils.training.grpo.callbacks import heldout_summary, paired_change, samples_markdown
+from utils.training.grpo.config import GRPOTrainConfig
+from utils.training.grpo.run import _prepare_run_dir
 
 TINY_REWARDS = {"format": 0.5, "length": 1.0, "rouge": 1.0, "yesno": 1.0}
 
@@ -29,7 +30,7 @@ def make_sft_adapter(base: Path, out: Path, answer_format: str = "plain") -> Pat
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils.models import mark_complete
+    from utils.core.artifacts import mark_complete
 
     if (out / ".complete").is_file():
         return out
@@ -173,7 +174,7 @@ def test_grouped_generation_matches_plain_generate(tiny_llama):
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from utils.grpo import _trim_after_eos, generate_grouped
+    from utils.training.grpo.trainer import _trim_after_eos, generate_grouped
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     torch.manual_seed(1)
@@ -199,7 +200,7 @@ def test_packed_groups_give_the_unpacked_logps_and_gradients(tiny_llama, attn):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from utils.grpo import packed_group_logps
+    from utils.training.grpo.trainer import packed_group_logps
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attn),
@@ -237,7 +238,7 @@ def test_merged_adapter_round_trip(tiny_llama):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from utils.grpo import merged_adapter
+    from utils.training.grpo.trainer import merged_adapter
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
@@ -286,7 +287,8 @@ def test_samples_markdown_groups_by_question():
 
 
 def test_resumed_run_drops_logs_after_its_checkpoint(tmp_path):
-    from utils.grpo import HELDOUT_LOG, SAMPLES_LOG, GRPOTrainConfig
+    from utils.training.grpo.callbacks import HELDOUT_LOG, SAMPLES_LOG
+    from utils.training.grpo.config import GRPOTrainConfig
 
     cfg = GRPOTrainConfig(run_dir=str(tmp_path))
     for name in (HELDOUT_LOG, SAMPLES_LOG):
@@ -316,7 +318,8 @@ def test_tiny_grpo_run_through_the_command_line(tmp_path, processed, tiny_llama)
     """From an SFT adapter: trains it further, logs what the issue asks, saves a loadable adapter on the base."""
     from safetensors.torch import load_file
 
-    from utils.models import adapter_base, is_complete, load_causal_lm
+    from utils.models.loading import load_causal_lm
+    from utils.models.resolve import adapter_base, is_complete
 
     sft = make_sft_adapter(tiny_llama, tmp_path / "models/sft")
     cfg = tiny_config(tmp_path, tiny_llama, processed, policy="sft", max_steps=2)

@@ -7,8 +7,10 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from utils.models import (DONE_MARKER, ModelNotFound, adapter_base, atomic_save, build_tiny_llama, is_complete,
-                          load_causal_lm, load_tokenizer, resolve_model)
+from utils.core.artifacts import DONE_MARKER, atomic_save
+from utils.models.loading import load_causal_lm, load_tokenizer
+from utils.models.resolve import ModelNotFound, adapter_base, is_complete, resolve_model
+from utils.models.tiny import build_tiny_llama
 
 
 @pytest.fixture

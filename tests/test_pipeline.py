@@ -10,6 +10,7 @@ import yaml
 
 from tests.conftest import ROOT
 
+
 # Tiny sizes for each CPU recipe file: everything else (reward mix, formats, LoRA, ...) is the recipe's.
 def overrides(tmp, tiny):
     processed = str(tmp / "processed")

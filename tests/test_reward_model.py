@@ -10,12 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from utils.config import load_config
-from utils.reward_model import (NEGATIVE_TYPES, RewardModelConfig, alter_numbers, balanced_subsample, build_pairs,
-                                complete_row, contradict, encode, flip_yesno, load_split, pairwise_accuracy,
-                                run_audit, truncate)
-from utils.rewards import numbers_reward, score_rows
-from utils.text import looks_truncated
+from utils.core.config import load_config
+from utils.data.rows import read_split
+from utils.data.text import looks_truncated
+from utils.rewards.audit import complete_row, run_audit
+from utils.rewards.mix import score_rows
+from utils.rewards.negatives import (
+    NEGATIVE_TYPES,
+    alter_numbers,
+    balanced_subsample,
+    build_pairs,
+    contradict,
+    flip_yesno,
+    truncate,
+)
+from utils.rewards.reward_model import encode
+from utils.rewards.rules import numbers_reward
+from utils.training.reward_model import RewardModelConfig, pairwise_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "reward_model.py")
@@ -96,7 +107,7 @@ def test_pairwise_accuracy_counts_ties_half():
 
 def test_pairs_do_not_leak_across_splits(processed):
     cfg = load_config(RewardModelConfig, None, {"data_dir": str(processed)})
-    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    train, test = read_split(cfg.data_dir, "grpo/train"), read_split(cfg.data_dir, "eval/test")
     test_refs = {r["reference"] for r in test}
     pairs = build_pairs(test, list(NEGATIVE_TYPES[:-1]), seed=0, term_lexicon=cfg.term_lexicon)
     assert pairs and {p["type"] for p in pairs} >= {"truncate", "numbers"}
@@ -110,7 +121,7 @@ def test_pairs_do_not_leak_across_splits(processed):
 
 
 def test_encode_fits_max_length(tiny_llama):
-    from utils.models import load_tokenizer
+    from utils.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_llama))
     ids = encode(tok, "Q? " * 300, "An answer that goes on. " * 500, max_length=64, max_prompt_tokens=16)
@@ -144,7 +155,7 @@ def test_shipped_reward_configs_load(recipe):
 def run_script(command, *args) -> int:
     """reward_model.py's command in this process (the subprocess tests pay torch's import each time)."""
     import reward_model as script
-    from utils.cli import run
+    from utils.core.cli import run
 
     fn = {"train": script.main, "score": script.score, "audit": script.audit, "terms": script.terms}[command]
     return run(fn, RewardModelConfig, script.__doc__, list(args))
@@ -231,7 +242,7 @@ def test_terms_command_lists_missing_phrases(processed, capsys):
     lines = capsys.readouterr().out.splitlines()[1:]
     assert len(lines) == 5
     phrases = [line.split(None, 1)[1] for line in lines]
-    from utils.rewards import load_lexicon
+    from utils.rewards.lexicon import load_lexicon
 
     lex = load_lexicon()
     assert all(not lex.find(p) for p in phrases)  # nothing the lexicon already has
@@ -294,7 +305,7 @@ def test_train_score_and_audit_a_tiny_reward_model(tiny_llama, processed, tmp_pa
     assert all(0.0 < s["reward_model"] < 1.0 for s in scored[:2]) and scored[2]["reward_model"] == 0.0
 
     # the reward function itself, on strings that break naive code
-    from utils.rewards import reward_model_reward
+    from utils.rewards.reward_model import reward_model_reward
 
     nasty = ["", "x" * 100_000, "🫀" * 500, "<think></think>", "Yes. " * 3000]
     vals = reward_model_reward(nasty, reward_model=str(out), question=["Is it long?"] * 5,

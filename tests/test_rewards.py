@@ -8,11 +8,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utils.config import ConfigError, UserError, load_config
-from utils.rewards import (DEFAULT_WEIGHTS, REWARDS, RewardMix, build_reward_funcs, compressibility, format_reward,
-                           echo_share, length_reward, load_lexicon, numbers_reward, parse_lexicon, repetition, rouge_l,
-                           rouge_reward, score_rows, semantic_reward, terms_reward, weighted_total, yesno_reward)
-from utils.text import extract_numbers
+from utils.core.config import ConfigError, UserError, load_config
+from utils.data.text import extract_numbers
+from utils.rewards.lexicon import load_lexicon, parse_lexicon
+from utils.rewards.mix import DEFAULT_WEIGHTS, REWARDS, RewardMix, build_reward_funcs, score_rows, weighted_total
+from utils.rewards.rules import (
+    compressibility,
+    echo_share,
+    format_reward,
+    length_reward,
+    numbers_reward,
+    repetition,
+    rouge_l,
+    rouge_reward,
+    semantic_reward,
+    terms_reward,
+    yesno_reward,
+)
 
 THINK = "<think>\nThe question asks about the PR interval.\n</think>\n"
 

@@ -9,7 +9,7 @@ import typing
 import pytest
 
 from tests.conftest import ROOT
-from utils.config import load_config
+from utils.core.config import load_config
 
 SCRIPTS = sorted(p.name for p in ROOT.glob("*.py"))
 YAMLS = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("configs/*/*.yaml") if p.parent.name != "accelerate")

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.config import ConfigError, load_config
-from utils.data import DataError, read_jsonl
-from utils.formats import FORMAT_INSTRUCTIONS, parse
-from utils.sft import SFTTrainConfig, build_trainer, expand_conversation, load_examples, reasoning_scaffold
+from utils.core.config import ConfigError, load_config
+from utils.data.formats import FORMAT_INSTRUCTIONS, parse
+from utils.data.rows import DataError, read_jsonl
+from utils.training.sft import SFTTrainConfig, build_trainer, expand_conversation, load_examples, reasoning_scaffold
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*/sft.yaml"))
@@ -77,7 +77,8 @@ def tiny_smollm2(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from utils.models import atomic_save, smollm2_gguf_path
+    from utils.core.artifacts import atomic_save
+    from utils.models.resolve import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -170,7 +171,7 @@ def test_bad_rows_are_refused(tmp_path, processed, tiny_llama):
     (bad / "sft").mkdir(parents=True)
     (bad / "sft" / "train.jsonl").write_text(json.dumps({"id": "x", "task": "EBK", "messages": [
         {"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}) + "\n")
-    with pytest.raises(DataError, match=r"train\.jsonl: row 1 ends with a 'user' message"):
+    with pytest.raises(DataError, match=r"train\.jsonl: line 1: 'messages' ends with a 'user' message"):
         load_examples(sft_cfg(tmp_path, bad, tiny_llama), "train", 0)
 
 
@@ -202,7 +203,8 @@ def test_cli_run_end_to_end(tmp_path, processed, tiny_llama, monkeypatch):
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))  # TensorBoard logs
     assert "reasoning" in (out / "README.md").read_text() and (out / "train_config.yaml").is_file()
 
-    from utils.generation import generate, load_for_generation, with_format_instructions
+    from utils.data.formats import with_format_instructions
+    from utils.models.generation import generate, load_for_generation
 
     monkeypatch.setenv("ECG_MODELS_DIR", str(models))
     model, tok = load_for_generation("sft")
@@ -239,7 +241,7 @@ def test_resume_after_sigkill_finishes_at_the_same_step(tmp_path, processed, tin
     assert "resuming from" in r.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["global_step"] == steps and metrics["resumed_from"].endswith(f"checkpoint-{max(done)}")
-    from utils.models import load_causal_lm
+    from utils.models.loading import load_causal_lm
 
     model = load_causal_lm(str(tmp_path / "out"), dtype="float32")
     assert any("lora_A" in n for n, _ in model.named_parameters())

@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.config import ConfigError, UserError, dump_yaml, load_config, parse_args
-from utils.models import DONE_MARKER, ModelNotFound, resolve_model
-from utils.sft import SFTTrainConfig
-from utils.training import (RUN_CONFIG, checkpoints, gradient_accumulation, lora_config, precision_flags,
-                            quantization_config, read_train_config, resume_checkpoint, save_final, trl_args)
+from utils.core.artifacts import DONE_MARKER, checkpoints, read_train_config
+from utils.core.config import ConfigError, UserError, dump_yaml, load_config, parse_args
+from utils.models.resolve import ModelNotFound, resolve_model
+from utils.training.config import gradient_accumulation, lora_config, precision_flags, quantization_config, trl_args
+from utils.training.run import RUN_CONFIG, resume_checkpoint, save_final
+from utils.training.sft import SFTTrainConfig
 
 
 def cfg(tmp_path, **over):
@@ -136,7 +137,7 @@ def test_resume_never_and_path(tmp_path):
 def _tiny_peft(tiny_llama):
     from peft import get_peft_model
 
-    from utils.models import load_causal_lm, load_tokenizer
+    from utils.models.loading import load_causal_lm, load_tokenizer
 
     c = load_config(SFTTrainConfig, None, {"lora_r": 2, "lora_alpha": 4, "lora_target_modules": ["q_proj", "v_proj"]})
     return get_peft_model(load_causal_lm(str(tiny_llama), dtype="float32"), lora_config(c)), load_tokenizer(str(tiny_llama))
@@ -145,7 +146,7 @@ def _tiny_peft(tiny_llama):
 def test_save_final_writes_a_complete_loadable_folder(tmp_path, tiny_llama):
     import torch
 
-    from utils.models import load_causal_lm
+    from utils.models.loading import load_causal_lm
 
     model, tok = _tiny_peft(tiny_llama)
     with torch.no_grad():  # a non-zero adapter, so that merging changes the weights

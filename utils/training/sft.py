@@ -29,14 +29,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.config import fld, non_negative, positive
-from utils.data import TASKS, DataError, read_jsonl
-from utils.formats import render
-from utils.generation import with_format_instructions
-from utils.text import is_yes_no_question
-from utils.training import (TrainConfig, configure_threads, gradient_accumulation, load_train_model,
-                            load_train_tokenizer, lora_config, resume_checkpoint, save_final, trl_args,
-                            training_metrics)
+from utils.core.config import fld, non_negative, positive
+from utils.data.formats import render, with_format_instructions
+from utils.data.raw import TASKS
+from utils.data.rows import DataError, read_split
+from utils.data.text import is_yes_no_question
+from utils.training.config import (
+    TrainConfig,
+    configure_threads,
+    gradient_accumulation,
+    load_train_model,
+    load_train_tokenizer,
+    lora_config,
+    trl_args,
+)
+from utils.training.run import resume_checkpoint, save_final, training_metrics
 
 log = logging.getLogger(__name__)
 
@@ -103,24 +110,10 @@ def expand_conversation(row: dict, fmt: str) -> list[dict]:
     return out
 
 
-def _check_row(row: dict, path: Path, n: int) -> None:
-    msgs = row.get("messages")
-    if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                                 for m in msgs)):
-        raise DataError(f"{path}: row {n} has no valid 'messages' list (expected [{{role, content}}, ...])")
-    if msgs[-1]["role"] != "assistant":
-        raise DataError(f"{path}: row {n} ends with a {msgs[-1]['role']!r} message; expected the assistant's answer")
-
-
 def load_examples(cfg: SFTTrainConfig, split: str, limit: int) -> list[dict]:
     """Prompt/completion examples of one split (``train`` or ``validation``), filtered and subsampled."""
     path = Path(cfg.data_dir) / "sft" / f"{split}.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path}: not found; run `python prepare_data.py --config configs/cpu/prepare.yaml` "
-                        "first (or set data_dir)")
-    rows = read_jsonl(path)
-    for n, row in enumerate(rows, 1):
-        _check_row(row, path, n)
+    rows = read_split(cfg.data_dir, f"sft/{split}")
     if cfg.tasks:
         rows = [r for r in rows if r.get("task") in cfg.tasks]
     if limit and len(rows) > limit:
@@ -138,14 +131,14 @@ def to_dataset(examples: list[dict]):
 
 # ============================================================================= the run
 def output_dir(cfg: SFTTrainConfig) -> Path:
-    from utils.models import models_root
+    from utils.models.resolve import models_root
 
     return Path(cfg.output_dir) if cfg.output_dir else models_root() / "sft"
 
 
 def check_base_model(cfg: SFTTrainConfig) -> str:
     """The base model's folder or Hub id; one line naming it and how to get one when it is missing."""
-    from utils.models import SMOLLM2, ModelNotFound, resolve_model
+    from utils.models.resolve import SMOLLM2, ModelNotFound, resolve_model
 
     try:
         return resolve_model(cfg.base_model)

@@ -9,9 +9,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.config import ConfigError, fld, fraction, dump_yaml
-from utils.data import (TASKS, UPSTREAM_COMMIT, UPSTREAM_REPO, CleanOptions, DataError, download, load_raw,
-                        prompt_row, sft_row, split_records, write_jsonl)
+from utils.core.config import ConfigError, dump_yaml, fld, fraction
+from utils.data.download import download
+from utils.data.raw import TASKS, UPSTREAM_COMMIT, UPSTREAM_REPO, CleanOptions, load_raw
+from utils.data.rows import DataError, prompt_row, sft_row, write_jsonl
+from utils.data.split import split_records
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def percentiles(values: list[int], ps=(50, 90, 95, 99)) -> dict:
 
 def token_lengths(records: list[dict], tokenizer_ref: str) -> dict:
     """Prompt, answer and whole-conversation token counts under the recipe's tokenizer and chat template."""
-    from utils.models import load_tokenizer
+    from utils.models.loading import load_tokenizer
 
     tok = load_tokenizer(tokenizer_ref)
     prompt, answer, total = [], [], []

@@ -69,3 +69,21 @@ FORMAT_INSTRUCTIONS = {
     "reasoning": (" First think briefly inside <think> and </think> tags, then give the answer after the "
                   "closing tag."),
 }
+
+
+def with_format_instructions(messages: list[dict], fmt: str) -> list[dict]:
+    """The conversation with the answer format's instruction appended to its system prompt.
+
+    SFT targets, GRPO prompts, evaluation and chat all ask for the format the same way, through this
+    function, so that a model is never asked differently from how it was trained. The 'plain' format
+    adds nothing. A conversation without a system message gets one holding only the instruction.
+    """
+    extra = FORMAT_INSTRUCTIONS[fmt]
+    if not extra:
+        return [dict(m) for m in messages]
+    out = [dict(m) for m in messages]
+    if out and out[0]["role"] == "system":
+        out[0]["content"] = out[0]["content"].rstrip() + extra
+    else:
+        out.insert(0, {"role": "system", "content": extra.strip()})
+    return out

@@ -1,4 +1,4 @@
-"""ECG-Expert-QA: read the eleven raw file shapes, clean, label, split without leaks, write the sets.
+"""ECG-Expert-QA's eleven raw file shapes read into one record shape, cleaned and labelled.
 
 Every raw item becomes one record of the same shape::
 
@@ -9,33 +9,35 @@ Every raw item becomes one record of the same shape::
      "label_followup": None | "every 3 months", "followup_days": None | 91.3,
      "numbers": [{"text", "low", "high", "unit", "dim", "base_low", "base_high"}, ...],
      "flags": [...]}
-
-The phase scripts read the sets this module writes to ``data/processed/`` (see ``write_sets``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import random
-import shutil
-import time
-import urllib.request
-import zipfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from utils.config import UserError
-from utils.text import (extract_numbers, followup_interval, is_yes_no_question, jaccard, looks_truncated,
-                        normalize_whitespace, repair_mojibake, words, yes_no_of)
+from utils.data.rows import DataError
+from utils.data.text import (
+    extract_numbers,
+    followup_interval,
+    is_yes_no_question,
+    looks_truncated,
+    normalize_whitespace,
+    repair_mojibake,
+    yes_no_of,
+)
 
 log = logging.getLogger(__name__)
 
+
 UPSTREAM_REPO = "Zaozzz/ECG-Expert-QA"
+
+
 UPSTREAM_COMMIT = "8eff3b48b1b6d81d9667994d65f562b5ca9c800a"
 
 
@@ -62,24 +64,35 @@ TASKS: dict[str, Task] = {t.code: t for t in [
          "Multi-round inquiry"),
     Task("MC", "Memory correction.json", "9c161f60", "Memory correction"),
 ]}
+
+
 FILE_TO_TASK = {t.file: t.code for t in TASKS.values()}
+
 
 # Instructions for the shapes that carry no question of their own.
 GRA_QUESTION = "Based on this patient's ECG history, write a risk assessment."
+
+
 MEE_QUESTION = "List the medical entities (findings, diagnoses, measurements) in this ECG record."
+
+
 CONTEXT_LABEL = {"PP": "Medical advice I was given", "CMD": "ECG machine measurements"}
+
+
 DEFAULT_CONTEXT_LABEL = "Patient's ECG record"
+
+
 # Answers that are lists, not prose: no closing punctuation to expect.
 LIST_ANSWERS = {"MEE"}
+
+
 # Tasks whose questions are templates asked of many patient records: near-duplicates are judged on the
 # record and the question together, else every item of the task would be one "duplicate" group.
 CONTEXT_KEYED = {"CMD", "GRA", "LTD", "MEE", "MROD", "MC"}
+
+
 # MIMIC-IV-ECG writes 29999 for an axis it could not measure.
 NOT_MEASURED = {29999, "29999"}
-
-
-class DataError(UserError):
-    pass
 
 
 # ============================================================================= reading
@@ -158,6 +171,8 @@ def _qa_pairs(value: Any) -> list[tuple[str, str]] | None:
 
 
 _ASSISTANT_ROLES = ("doctor", "assistant", "physician", "gpt", "model", "bot", "医生")
+
+
 _USER_ROLES = ("patient", "user", "human", "患者", "病人")
 
 
@@ -421,168 +436,3 @@ def _drop_duplicates(records: list[dict], opts: CleanOptions, report: dict) -> l
         out = kept
     report["contradictory_questions"] = len(contra)
     return out
-
-
-# ============================================================================= near duplicates and split
-def near_duplicate_groups(questions: list[str], threshold: float) -> list[int]:
-    """Group index per question; questions whose word-set Jaccard similarity >= threshold share a group
-    (transitively). Exact: prefix filtering finds every such pair without comparing all of them."""
-    sets = [frozenset(words(q)) for q in questions]
-    freq = Counter(w for s in sets for w in s)
-    ordered = [sorted(s, key=lambda w: (freq[w], w)) for s in sets]
-    parent = list(range(len(sets)))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    index: dict[str, list[int]] = defaultdict(list)
-    for i, toks in enumerate(ordered):
-        n = len(toks)
-        # Two sets with Jaccard >= t share a token among the first n - ceil(t*n) + 1 rarest of each.
-        prefix = n - int(-(-threshold * n // 1)) + 1 if n else 0
-        cands = set()
-        for w in toks[:prefix]:
-            cands.update(index[w])
-            index[w].append(i)
-        for j in cands:
-            if find(i) != find(j) and jaccard(sets[i], sets[j]) >= threshold:
-                parent[find(i)] = find(j)
-        if not toks:  # a question with no words only matches its exact twins
-            index["\x00empty"].append(i)
-    return [find(i) for i in range(len(sets))]
-
-
-def dedup_key(r: dict) -> str:
-    """The text near-duplicates are judged on (see CONTEXT_KEYED)."""
-    return f"{r['context']}\n{r['question']}" if r["task"] in CONTEXT_KEYED and r["context"] else r["question"]
-
-
-def split_records(records: list[dict], val_fraction: float, test_fraction: float, threshold: float,
-                  seed: int) -> dict[str, list[dict]]:
-    """Deterministic train/validation/test split, stratified by task, near-duplicate groups kept whole.
-
-    Each group goes to one split as a unit, by the task of its first member; groups are ordered by a
-    seeded hash of their questions, so the split does not depend on file order.
-    """
-    groups = near_duplicate_groups([dedup_key(r) for r in records], threshold)
-    members: dict[int, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        members[g].append(i)
-    by_task: dict[str, list[list[int]]] = defaultdict(list)
-    for g, idxs in members.items():
-        by_task[records[idxs[0]]["task"]].append(idxs)
-    out = {"train": [], "validation": [], "test": []}
-    for task in sorted(by_task):
-        gs = by_task[task]
-        gs.sort(key=lambda idxs: hashlib.sha1(f"{seed}:{min(records[i]['id'] for i in idxs)}".encode()).hexdigest())
-        total = sum(len(g) for g in gs)
-        n_test, n_val = round(total * test_fraction), round(total * val_fraction)
-        taken = Counter()
-        for idxs in gs:
-            # singletons fill the held-out splits first, so big groups of paraphrases train
-            target = ("test" if taken["test"] + len(idxs) <= n_test and len(idxs) <= max(1, n_test // 20) else
-                      "validation" if taken["validation"] + len(idxs) <= n_val and len(idxs) <= max(1, n_val // 20)
-                      else "train")
-            taken[target] += len(idxs)
-            out[target].extend(records[i] for i in idxs)
-    for k in out:
-        out[k].sort(key=lambda r: r["id"])
-        for r in out[k]:
-            r["split"] = k
-    for i, g in enumerate(groups):
-        records[i]["group"] = f"g{g}"
-    return out
-
-
-# ============================================================================= download
-def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\x00" % len(data) + data).hexdigest()
-
-
-def download(raw_dir: Path, url: str, expected: dict[str, str], timeout: float = 60.0) -> list[Path]:
-    """Fetch the pinned upstream archive, keep its JSON data files, verify each against its git blob hash.
-
-    Nothing lands in ``raw_dir`` unless every file in ``expected`` is in the archive and matches.
-    """
-    raw_dir = Path(raw_dir)
-    log.info("downloading %s", url)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            payload = resp.read()
-    except Exception as e:  # urllib raises several unrelated types for one cause: no data
-        raise DataError(f"{url}: download failed ({e}); fetch the archive by hand and unzip it into {raw_dir}") from None
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(payload))
-    except zipfile.BadZipFile:
-        raise DataError(f"{url}: the download is not a zip archive ({len(payload)} bytes)") from None
-    files = {Path(n).name: n for n in zf.namelist() if n.endswith(".json")}
-    missing = [f for f in expected if f not in files]
-    if missing:
-        raise DataError(f"{url}: archive lacks {missing[0]!r} (and {len(missing) - 1} more)" if len(missing) > 1
-                        else f"{url}: archive lacks {missing[0]!r}")
-    blobs = {}
-    for name, prefix in expected.items():
-        data = zf.read(files[name])
-        sha = git_blob_sha1(data)
-        if not sha.startswith(prefix):
-            raise DataError(f"{url}: {name!r} has git blob {sha[:8]}, expected {prefix}: not the pinned commit")
-        blobs[name] = data
-    tmp = raw_dir.with_name(raw_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, data in blobs.items():
-        (tmp / name).write_bytes(data)
-    (tmp / "SOURCE.md").write_text(f"Downloaded from {url} on {time.strftime('%Y-%m-%d')}; "
-                                   f"git blob hashes verified.\n")
-    if raw_dir.exists():
-        shutil.rmtree(raw_dir)
-    tmp.rename(raw_dir)
-    return [raw_dir / n for n in blobs]
-
-
-# ============================================================================= writing
-def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: not found; run `python prepare_data.py --config configs/cpu/prepare.yaml` first")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {i} is not a JSON object")
-            rows.append(row)
-    return rows
-
-
-LABEL_KEYS = ("label_yesno", "label_disease", "label_followup", "followup_days", "numbers")
-
-
-def sft_row(r: dict) -> dict:
-    return {"id": r["id"], "task": r["task"], "messages": r["messages"]}
-
-
-def prompt_row(r: dict) -> dict:
-    """GRPO / evaluation: the conversation up to the answer, the reference, the labels."""
-    return {"id": r["id"], "task": r["task"], "prompt": r["messages"][:-1], "question": r["question"],
-            "reference": r["reference"], **{k: r[k] for k in LABEL_KEYS}}

@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.evaluation import METRIC_BY_NAME, METRICS, EvalResult, ModelSpec
+from utils.evaluation.answers import ModelSpec
+from utils.evaluation.metrics import METRIC_BY_NAME, METRICS
+from utils.evaluation.stats import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +219,7 @@ def training_history(folder: str | Path) -> tuple[str, list[dict]] | None:
     its ``metrics.json``): it belongs to this very model. Only when it has none is the run folder its
     ``train_config.yaml`` names read (the newest checkpoint's ``trainer_state.json`` or the TensorBoard
     log), since a later run may have reused that folder. Among candidates the longest log wins."""
-    from utils.training import checkpoints, read_train_config
+    from utils.core.artifacts import checkpoints, read_train_config
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -524,7 +526,7 @@ def _examples(result: EvalResult) -> list[int]:
 
 
 def metrics_json(result: EvalResult) -> dict:
-    from utils.config import to_dict
+    from utils.core.config import to_dict
 
     return {"source": result.source, "items": len(result.rows), "config": to_dict(result.cfg),
             "models": [{"name": s.name, "ref": s.ref, "path": s.path, "fingerprint": s.fingerprint,
@@ -538,7 +540,7 @@ def metrics_json(result: EvalResult) -> dict:
 
 
 def _no_curves_note(s: ModelSpec) -> str:
-    from utils.training import read_train_config
+    from utils.core.artifacts import read_train_config
 
     if not Path(s.path).is_dir():
         return f"{s.name}: a Hub model; no training log, no curves."
@@ -551,7 +553,7 @@ def _no_curves_note(s: ModelSpec) -> str:
 def write_report(result: EvalResult, out: Path) -> Path:
     """Write the report folder through a temporary sibling renamed into place, so a failure midway
     leaves the previous report (or none), never half of one."""
-    from utils.config import dump_yaml
+    from utils.core.config import dump_yaml
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

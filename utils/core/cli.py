@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable, Sequence, TypeVar
 
-from utils.config import UserError, parse_args
+from utils.core.config import UserError, parse_args
 
 T = TypeVar("T")
 

@@ -17,27 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from utils.formats import FORMAT_INSTRUCTIONS
-
 log = logging.getLogger(__name__)
-
-
-def with_format_instructions(messages: list[dict], fmt: str) -> list[dict]:
-    """The conversation with the answer format's instruction appended to its system prompt.
-
-    SFT targets, GRPO prompts, evaluation and chat all ask for the format the same way, through this
-    function, so that a model is never asked differently from how it was trained. The 'plain' format
-    adds nothing. A conversation without a system message gets one holding only the instruction.
-    """
-    extra = FORMAT_INSTRUCTIONS[fmt]
-    if not extra:
-        return [dict(m) for m in messages]
-    out = [dict(m) for m in messages]
-    if out and out[0]["role"] == "system":
-        out[0]["content"] = out[0]["content"].rstrip() + extra
-    else:
-        out.insert(0, {"role": "system", "content": extra.strip()})
-    return out
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
@@ -140,7 +120,8 @@ def load_for_generation(ref: str, base_model: str | None = None, dtype: str = "a
     (faster decoding), the model is in eval mode, on CUDA when there is one unless ``device`` says."""
     import torch
 
-    from utils.models import load_causal_lm, load_tokenizer, resolve_model
+    from utils.models.loading import load_causal_lm, load_tokenizer
+    from utils.models.resolve import resolve_model
 
     path = resolve_model(ref, base_model)
     tok = load_tokenizer(path)

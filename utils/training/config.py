@@ -1,19 +1,11 @@
-"""Training helpers shared by the SFT and GRPO phases.
+"""The config every training phase shares and the TRL arguments built from it.
 
-* :class:`TrainConfig`: the config fields every training phase has (model, precision, LoRA/QLoRA,
-  batch sizes, schedule, logging, checkpoints, resume, final save). A phase's config subclasses it
-  and names its TRL config class in ``TRL_CONFIG`` so that ``trainer_extra`` keys are checked at load.
-* :func:`trl_args`: the TRL config (``SFTConfig``, ``GRPOConfig``) built from a :class:`TrainConfig`
-  plus the phase's own arguments: CPU when there is no CUDA, bf16 where the GPU has it, TensorBoard
-  (and W&B) logging, checkpoints every N steps, ``trainer_extra`` last.
-* :func:`lora_config`, :func:`quantization_config`, :func:`load_train_model`: the PEFT adapter, the
-  bitsandbytes 4/8-bit settings (QLoRA), and the model loaded for training.
-* :func:`resume_checkpoint`: ``resume: auto | never | PATH`` against the run folder's checkpoints.
-* :func:`save_final`: adapter + tokenizer + resolved config + metrics + model card (+ merged weights),
-  written through :func:`utils.models.atomic_save` so an interrupted save never looks complete.
-
-Checkpoints and TensorBoard logs live in the run folder (``runs/<phase>/``); the finished model goes
-to ``output_dir`` (``models/<phase>/``), which only ever holds a complete model.
+* :class:`TrainConfig`: model, precision, LoRA/QLoRA, batch sizes, schedule, logging, checkpoints, resume,
+  final save. A phase's config subclasses it and names its TRL config class in ``TRL_CONFIG`` so that
+  ``trainer_extra`` keys are checked at load.
+* :func:`trl_args`: the TRL config (``SFTConfig``, ``RewardConfig``, ``GRPOConfig``) for a
+  :class:`TrainConfig` plus the phase's own arguments: CPU when there is no CUDA, bf16 where the GPU has
+  it, TensorBoard (and W&B) logging, checkpoints every N steps, ``trainer_extra`` last.
 """
 
 from __future__ import annotations
@@ -21,32 +13,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import json
 import logging
 import os
-import re
-import resource
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import yaml
-
-from utils.config import UserError, dump_yaml, fld, fraction, non_negative, positive, to_dict
-from utils.formats import FORMATS
+from utils.core.config import UserError, fld, fraction, non_negative, positive
+from utils.data.formats import FORMATS
 
 log = logging.getLogger(__name__)
-
-RUN_CONFIG = "run_config.yaml"      # in the run folder: what the checkpoints there were trained with
-TRAIN_CONFIG = "train_config.yaml"  # in the final model folder: the resolved config of the run
-METRICS = "metrics.json"
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# Keys that may change between a run and its resumption without making the checkpoints stale.
-RESUME_NEUTRAL = {"resume", "merge", "output_dir", "report_to", "wandb_project", "run_name", "logging_steps",
-                  "save_steps", "save_total_limit", "eval_steps", "num_threads", "eval_on_start",
-                  "time_limit_minutes", "sample_steps", "samples_to_log"}  # the last three: GRPO's
 
 
 def has_cuda() -> bool:
@@ -239,50 +215,6 @@ def quantization_config(cfg: TrainConfig):
                               bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16)
 
 
-def hub_hint(ref: str) -> str:
-    return (f"; {ref} is downloaded from the Hugging Face Hub on first use: check the name and the network, "
-            "accept the model's license and run `huggingface-cli login` for gated models (meta-llama), or set "
-            "base_model to a local folder")
-
-
-def load_train_tokenizer(cfg: TrainConfig, ref: str):
-    """The tokenizer of the model ``ref``, with a pad token; one line naming the model if it cannot load."""
-    from utils.models import ModelNotFound, load_tokenizer, resolve_model
-
-    path = resolve_model(ref, cfg.base_model)
-    try:
-        return load_tokenizer(path)
-    except OSError as e:
-        hint = hub_hint(path) if not Path(path).exists() else ""
-        raise ModelNotFound(f"{ref}: could not load its tokenizer ({str(e).splitlines()[0]}){hint}") from None
-
-
-def load_train_model(cfg: TrainConfig, ref: str):
-    """The model to train, in the dtype :func:`precision_flags` picks; quantized and prepared for k-bit
-    training when the config asks (QLoRA). The LoRA adapter itself is added by the TRL trainer."""
-    from utils.models import load_causal_lm
-
-    _, _, dtype = precision_flags(cfg)
-    bnb = quantization_config(cfg)
-    device_map = None
-    if bnb is not None:
-        # A quantized model cannot be moved after loading: put each process's copy on its own GPU.
-        from accelerate import PartialState
-
-        device_map = {"": PartialState().local_process_index}
-    # An adapter folder (e.g. GRPO starting from models/sft) is merged into its base: the phase then
-    # trains a fresh adapter on top of the merged weights.
-    model = load_causal_lm(ref, cfg.base_model, dtype=dtype, merge=True, device_map=device_map,
-                           quantization_config=bnb)
-    if bnb is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    # The KV cache only serves generation; during training it costs memory and warns with checkpointing.
-    model.config.use_cache = False
-    return model
-
-
 # ============================================================================= TRL arguments
 def trl_args(cfg: TrainConfig, run_name: str, **phase_args):
     """The TRL config for ``cfg`` (class ``cfg.TRL_CONFIG``): the common settings, then the phase's own
@@ -324,130 +256,46 @@ def trl_args(cfg: TrainConfig, run_name: str, **phase_args):
     return cls(**kwargs)
 
 
-# ============================================================================= run folder and resume
-def checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in ``run_dir``, oldest first. The Trainer writes trainer_state.json last, so a
-    checkpoint killed while being written lacks it and is skipped."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if p.is_dir() and (m := CHECKPOINT.match(p.name)) and (p / "trainer_state.json").is_file()]
-    return [p for _, p in sorted(found)]
+def hub_hint(ref: str) -> str:
+    return (f"; {ref} is downloaded from the Hugging Face Hub on first use: check the name and the network, "
+            "accept the model's license and run `huggingface-cli login` for gated models (meta-llama), or set "
+            "base_model to a local folder")
 
 
-def _fingerprint(cfg) -> dict:
-    return {k: v for k, v in to_dict(cfg).items() if k not in RESUME_NEUTRAL}
+def load_train_tokenizer(cfg: TrainConfig, ref: str):
+    """The tokenizer of the model ``ref``, with a pad token; one line naming the model if it cannot load."""
+    from utils.models.loading import load_tokenizer
+    from utils.models.resolve import ModelNotFound, resolve_model
+
+    path = resolve_model(ref, cfg.base_model)
+    try:
+        return load_tokenizer(path)
+    except OSError as e:
+        hint = hub_hint(path) if not Path(path).exists() else ""
+        raise ModelNotFound(f"{ref}: could not load its tokenizer ({str(e).splitlines()[0]}){hint}") from None
 
 
-def resume_checkpoint(cfg: TrainConfig) -> str | None:
-    """The checkpoint to continue from, per ``cfg.resume``, after preparing the run folder.
-
-    * ``auto``: the last complete checkpoint when the run folder's config matches this one (apart from
-      logging and output keys); otherwise start afresh.
-    * ``never``: start afresh.
-    * a folder: that checkpoint (it must be complete).
-
-    Starting afresh removes the run folder's old checkpoints, so that the Trainer's rotation never mixes
-    two runs. The current config is written to the run folder for the next resumption to compare with.
-    """
-    run_dir = Path(cfg.run_dir)
-    chosen: str | None = None
-    if cfg.resume not in ("auto", "never"):
-        path = Path(cfg.resume)
-        if not path.is_dir():
-            raise UserError(f"resume: {path} is not a folder; expected auto, never or a checkpoint folder")
-        if not (path / "trainer_state.json").is_file():
-            raise UserError(f"resume: {path} is not a complete checkpoint (no trainer_state.json)")
-        chosen = str(path)
-    elif cfg.resume == "auto":
-        found = checkpoints(run_dir)
-        if found:
-            saved = run_dir / RUN_CONFIG
-            old = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else None
-            if old is not None and {k: v for k, v in old.items() if k not in RESUME_NEUTRAL} == _fingerprint(cfg):
-                chosen = str(found[-1])
-            else:
-                changed = sorted(k for k in _fingerprint(cfg) if old is None or old.get(k) != getattr(cfg, k))
-                log.warning("%s: the checkpoints there were made with other settings (%s); starting afresh "
-                            "(pass --resume %s to continue anyway)", run_dir, ", ".join(changed[:5]) or "unknown",
-                            found[-1])
-    if chosen is None:
-        stale = [p for p in run_dir.glob("checkpoint-*") if p.is_dir()] if run_dir.is_dir() else []
-        if stale:
-            log.info("removing %d old checkpoint(s) from %s", len(stale), run_dir)
-            for p in stale:
-                shutil.rmtree(p)
-    else:
-        log.info("resuming from %s", chosen)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, run_dir / RUN_CONFIG)
-    return chosen
-
-
-# ============================================================================= final save
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
-
-
-def training_metrics(trainer, extra: dict | None = None) -> dict:
-    """Final metrics: the train summary, the eval-loss curve, and anything the phase adds."""
-    state = trainer.state
-    history = state.log_history
-    evals = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
-    train_logs = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
-    summary = next((h for h in reversed(history) if "train_runtime" in h), {})
-    out = {"global_step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
-           "num_input_tokens_seen": state.num_input_tokens_seen,
-           "train": {k: v for k, v in summary.items() if k != "step"},
-           "eval_loss": evals, "train_loss": train_logs, "peak_rss_mb": round(peak_rss_mb(), 1)}
-    if evals:
-        out["eval_loss_first"], out["eval_loss_last"] = evals[0]["eval_loss"], evals[-1]["eval_loss"]
-    out.update(extra or {})
-    return out
-
-
-def save_final(model, tokenizer, cfg: TrainConfig, metrics: dict, card: str, base_ref: str | None = None) -> Path:
-    """Write ``cfg.output_dir``: weights (the adapter, or the full model), tokenizer, ``train_config.yaml``,
-    ``metrics.json``, ``README.md``; with ``cfg.merge`` also ``merged/`` (the adapter merged into a fresh copy
-    of its base, in the training dtype). Everything goes to a temporary sibling first and is renamed into
-    place with its completion marker, so a folder that looks finished is finished."""
-    from utils.models import atomic_save, mark_complete
-
-    def write(tmp: Path):
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        dump_yaml(cfg, tmp / TRAIN_CONFIG)
-        (tmp / METRICS).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-        if cfg.merge and cfg.adapter == "lora":
-            merged = tmp / "merged"
-            _merge_into_base(tmp, merged, base_ref or cfg.base_model, cfg)
-            tokenizer.save_pretrained(merged)
-            mark_complete(merged)
-
-    out = atomic_save(Path(cfg.output_dir), write)
-    log.info("saved %s", out)
-    return out
-
-
-def _merge_into_base(adapter_dir: Path, out: Path, base_ref: str, cfg: TrainConfig) -> None:
-    """Merge a saved adapter into an unquantized copy of its base (a 4-bit base cannot hold the merge)."""
-    from peft import PeftModel
-
-    from utils.models import load_causal_lm
+def load_train_model(cfg: TrainConfig, ref: str):
+    """The model to train, in the dtype :func:`precision_flags` picks; quantized and prepared for k-bit
+    training when the config asks (QLoRA). The LoRA adapter itself is added by the TRL trainer."""
+    from utils.models.loading import load_causal_lm
 
     _, _, dtype = precision_flags(cfg)
-    base = load_causal_lm(base_ref, dtype="float32" if dtype == "float32" else "bfloat16")
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(out)
+    bnb = quantization_config(cfg)
+    device_map = None
+    if bnb is not None:
+        # A quantized model cannot be moved after loading: put each process's copy on its own GPU.
+        from accelerate import PartialState
 
+        device_map = {"": PartialState().local_process_index}
+    # An adapter folder (e.g. GRPO starting from models/sft) is merged into its base: the phase then
+    # trains a fresh adapter on top of the merged weights.
+    model = load_causal_lm(ref, cfg.base_model, dtype=dtype, merge=True, device_map=device_map,
+                           quantization_config=bnb)
+    if bnb is not None:
+        from peft import prepare_model_for_kbit_training
 
-def read_train_config(folder: str | Path) -> dict | None:
-    """The resolved config a model folder was trained with (e.g. its ``answer_format``), or None."""
-    path = Path(folder) / TRAIN_CONFIG
-    if not path.is_file():
-        return None
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    # The KV cache only serves generation; during training it costs memory and warns with checkpointing.
+    model.config.use_cache = False
+    return model

@@ -1,0 +1,184 @@
+"""Every model answers the same questions: model specs, the answer cache, batched generation.
+
+Answers are cached per model in ``<cache_dir>/answers/<model>-<hash>.jsonl``, the hash covering the model's
+files and the generation settings and each line keyed by item id and prompt, so a rerun or an interrupted
+run generates only what is missing and a changed model or setting never reuses stale answers.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.core.config import UserError
+from utils.evaluation.config import EvalConfig
+
+log = logging.getLogger(__name__)
+
+
+# ============================================================================= models
+@dataclass
+class ModelSpec:
+    name: str            # the column name in the report
+    ref: str             # what the user wrote
+    path: str            # resolved folder or Hub id
+    fingerprint: str     # changes when the model's files change
+    answer_format: str   # the format it was trained on (else the config's)
+
+
+def model_fingerprint(path: str) -> str:
+    """A hash of a model folder's file names, sizes and modification times (and its base's, for an
+    adapter): retraining into the same folder changes it. A Hub id is its own fingerprint."""
+    from utils.models.resolve import adapter_base, resolve_model
+
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    h = hashlib.sha1()
+    for f in sorted(p.iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".model"):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    base = adapter_base(path)
+    if base:
+        try:
+            h.update(model_fingerprint(resolve_model(base)).encode())
+        except UserError:
+            h.update(base.encode())
+    return h.hexdigest()[:16]
+
+
+def _display_name(ref: str, taken: set[str]) -> str:
+    name = ref.rstrip("/").split("/")[-1] if ("/" in ref or Path(ref).exists()) else ref
+    base, i = name, 2
+    while name in taken:
+        name, i = f"{base}-{i}", i + 1
+    return name
+
+
+def resolve_models(cfg: EvalConfig) -> list[ModelSpec]:
+    """Every model of ``cfg.models`` resolved before anything runs: an unknown alias or a missing
+    checkpoint stops the run with the resolver's one-line message (which names the script that makes it)."""
+    from utils.core.artifacts import read_train_config
+    from utils.models.resolve import resolve_model
+
+    specs, taken = [], set()
+    for ref in cfg.models:
+        path = resolve_model(ref, cfg.base_model)
+        trained = read_train_config(path) if Path(path).is_dir() else None
+        fmt = (trained or {}).get("answer_format") or cfg.answer_format
+        name = _display_name(ref, taken)
+        taken.add(name)
+        specs.append(ModelSpec(name, ref, path, model_fingerprint(path), fmt))
+    return specs
+
+
+# ============================================================================= answers and their cache
+def _sha(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def prompt_for(row: dict, fmt: str) -> list[dict]:
+    from utils.data.formats import with_format_instructions
+
+    return with_format_instructions(row["prompt"], fmt)
+
+
+class AnswerCache:
+    """One JSONL file per (model files, generation settings); one line per item: ``{key, id, completion}``
+    with ``key`` = hash(file hash, item id, prompt). Lines are appended after every batch, so an
+    interrupted run keeps what it finished; a partial last line is dropped."""
+
+    def __init__(self, cache_dir: str | Path, spec: ModelSpec, settings: dict):
+        self.tag = _sha({"model": spec.fingerprint, "settings": settings, "format": spec.answer_format})[:12]
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.name)
+        self.path = Path(cache_dir) / "answers" / f"{slug}-{self.tag}.jsonl"
+        self.entries: dict[str, str] = {}
+        if self.path.is_file():
+            raw = self.path.read_bytes()
+            if raw and not raw.endswith(b"\n"):
+                # a write cut short: drop the partial line, or the next append would run into it
+                raw = raw[:raw.rfind(b"\n") + 1]
+                self.path.write_bytes(raw)
+                log.warning("%s: dropped a partial last line (an interrupted write)", self.path)
+            bad = 0
+            for line in raw.decode("utf-8", errors="replace").splitlines():
+                try:
+                    e = json.loads(line)
+                    self.entries[e["key"]] = e["completion"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    bad += 1
+            if bad:
+                log.warning("%s: %d unreadable line(s) ignored; those answers are generated again", self.path, bad)
+
+    def key(self, row: dict, prompt: list[dict]) -> str:
+        return _sha([self.tag, row["id"], prompt])[:24]
+
+    def add(self, items: list[tuple[str, str, str]]) -> None:
+        """Append ``(key, id, completion)`` lines."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            for key, item_id, completion in items:
+                f.write(json.dumps({"key": key, "id": item_id, "completion": completion}, ensure_ascii=False) + "\n")
+                self.entries[key] = completion
+            f.flush()
+
+
+@dataclass
+class GenerationRun:
+    cached: int = 0
+    generated: int = 0
+    seconds: float = 0.0
+    new_tokens: int = 0
+
+    @property
+    def answers_per_second(self) -> float | None:
+        return self.generated / self.seconds if self.seconds and self.generated else None
+
+
+def generate_answers(spec: ModelSpec, rows: list[dict], cfg: EvalConfig) -> tuple[list[str], GenerationRun]:
+    """The model's answer to every row, from the cache where there is one; the rest generated in chunks
+    (each appended to the cache as soon as it is done). The model is loaded only when something is missing."""
+    from utils.models import generation
+
+    cache = AnswerCache(cfg.cache_dir, spec, cfg.generation_settings())
+    prompts = [prompt_for(r, spec.answer_format) for r in rows]
+    keys = [cache.key(r, p) for r, p in zip(rows, prompts)]
+    todo = [i for i, k in enumerate(keys) if k not in cache.entries]
+    run = GenerationRun(cached=len(rows) - len(todo))
+    if todo:
+        log.info("%s: generating %d answers (%d cached) -> %s", spec.name, len(todo), run.cached, cache.path)
+        model, tok = generation.load_for_generation(spec.path, cfg.base_model, dtype=cfg.dtype)
+        if cfg.repetition_penalty != 1.0:
+            # generate() takes no repetition_penalty; transformers reads it from the generation config
+            model.generation_config.repetition_penalty = cfg.repetition_penalty
+        # Longest prompts first: similar lengths share a batch (little padding), and the slowest batch
+        # comes first, so the progress log's rate is a safe estimate. One batch per call to generate, each
+        # cached at once: an interruption loses at most one batch.
+        todo.sort(key=lambda i: -len(json.dumps(prompts[i])))
+        chunk = cfg.batch_size
+        started = time.time()
+        for c, start in enumerate(range(0, len(todo), chunk)):
+            idx = todo[start:start + chunk]
+            outs = generation.generate(model, tok, [prompts[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
+                                       batch_size=cfg.batch_size, do_sample=cfg.do_sample,
+                                       temperature=cfg.temperature, top_p=cfg.top_p,
+                                       seed=cfg.seed + c if cfg.do_sample else None)
+            run.new_tokens += generation.last_stats.new_tokens
+            cache.add([(keys[i], rows[i]["id"], o) for i, o in zip(idx, outs)])
+            run.generated += len(idx)
+            elapsed = time.time() - started
+            log.info("%s: %d/%d answers (%.2f answers/s, %.0f tokens/s)", spec.name, run.generated, len(todo),
+                     run.generated / elapsed, run.new_tokens / elapsed)
+        run.seconds = time.time() - started
+        del model, tok
+        gc.collect()
+    else:
+        log.info("%s: all %d answers cached (%s)", spec.name, len(rows), cache.path)
+    return [cache.entries[k] for k in keys], run

@@ -1,0 +1,175 @@
+"""The figures evaluation reports: the rewards' own scores (the code GRPO trains with) plus BLEU-1, METEOR,
+key-term precision and recall.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from dataclasses import dataclass
+
+from utils.core.config import UserError
+from utils.data.formats import parse
+from utils.data.text import words
+from utils.evaluation.config import EvalConfig
+from utils.rewards.lexicon import load_lexicon
+from utils.rewards.mix import REWARDS, score_rows
+from utils.rewards.rules import term_sets
+
+log = logging.getLogger(__name__)
+
+
+# ============================================================================= metrics
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str
+    group: str      # overlap | clinical | form: the headline tables' sections
+    help: str
+    unit: bool = True  # a score in [0, 1] (plotted together); False: a count such as words
+
+
+METRICS: list[Metric] = [
+    Metric("rouge", "ROUGE-L", "overlap", "ROUGE-L F1 against the reference (rouge-score, Porter stemmer); the "
+           "rouge reward"),
+    Metric("bleu1", "BLEU-1", "overlap", "unigram BLEU with brevity penalty (nltk, smoothing method 1) on lower-case "
+           "word tokens"),
+    Metric("meteor", "METEOR", "overlap", "METEOR (nltk: exact, Porter-stem and WordNet-synonym matches) on lower-case "
+           "word tokens"),
+    Metric("semantic", "semantic", "overlap", "cosine similarity of all-MiniLM-L6-v2 embeddings of answer and "
+           "reference; the semantic reward"),
+    Metric("yesno", "yes/no acc", "clinical", "share of yes/no questions whose answer opens with the reference's "
+           "verdict; the yesno reward (majority baseline beside it)"),
+    Metric("terms", "key terms F1", "clinical", "F1 of the lexicon's ECG/cardiology terms in answer vs reference, "
+           "beyond those the question names; the terms reward"),
+    Metric("terms_p", "key terms P", "clinical", "share of the answer's key terms that the reference names"),
+    Metric("terms_r", "key terms R", "clinical", "share of the reference's key terms that the answer names"),
+    Metric("numbers", "numbers", "clinical", "agreement of numbers with units and follow-up periods with the "
+           "reference's; the numbers reward"),
+    Metric("format", "format", "form", "share of answers that follow the answer format; the format reward"),
+    Metric("length", "length score", "form", "1 unless the answer is too long, too short, truncated or looping; "
+           "the length reward"),
+    Metric("reward_model", "reward model", "form", "the trained reward model's preference for the answer over the "
+           "reference (0.5: as good); the reward_model reward"),
+    Metric("total", "reward (mix)", "form", "the weighted mean of the rewards in `rewards` (what GRPO maximises)"),
+    Metric("judge", "judge", "form", "judge model's rubric score, 1-5 mapped to 0-1"),
+    Metric("words", "words", "form", "answer length in words", unit=False),
+]
+
+
+METRIC_BY_NAME = {m.name: m for m in METRICS}
+
+
+# ============================================================================= scoring
+@functools.lru_cache(maxsize=4)
+def _wordnet_reader(paths: tuple[str, ...]):
+    import nltk
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    with warnings.catch_warnings():
+        # METEOR reads English synonyms only; the multilingual (OMW) data is not needed
+        warnings.filterwarnings("ignore", message="The multilingual functions")
+        return WordNetCorpusReader(nltk.data.find("corpora/wordnet"), None)
+
+
+def load_wordnet():
+    """nltk's WordNet reader, or None (with one warning line) when WordNet is not installed for nltk:
+    METEOR is then left out rather than computed without its synonym stage."""
+    import nltk
+
+    try:
+        return _wordnet_reader(tuple(nltk.data.path))
+    except (LookupError, OSError):
+        log.warning("METEOR skipped: nltk finds no WordNet data; install it with `bash scripts/setup_wordnet.sh` "
+                    "(or python -c \"import nltk; nltk.download('wordnet')\")")
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _smoothing():
+    from nltk.translate.bleu_score import SmoothingFunction
+
+    return SmoothingFunction().method1
+
+
+def bleu1(answer: str, reference: str) -> float:
+    """Sentence BLEU-1 on lower-case word tokens (0 for an empty answer).
+
+    >>> round(bleu1("The cat ran away", "the cat sat"), 3)
+    0.5
+    """
+    from nltk.translate.bleu_score import sentence_bleu
+
+    hyp, ref = words(answer), words(reference)
+    if not hyp or not ref:
+        return 0.0
+    return float(sentence_bleu([ref], hyp, weights=(1.0,), smoothing_function=_smoothing()))
+
+
+def meteor(answer: str, reference: str, wordnet) -> float:
+    """METEOR on lower-case word tokens with nltk's defaults (alpha 0.9, beta 3, gamma 0.5)."""
+    from nltk.translate.meteor_score import meteor_score
+
+    hyp, ref = words(answer), words(reference)
+    if not hyp or not ref:
+        return 0.0
+    return float(meteor_score([ref], hyp, wordnet=wordnet))
+
+
+def term_precision_recall(answer: str, reference: str, lexicon,
+                          question: str = "") -> tuple[float | None, float | None]:
+    """Precision and recall of the key terms the terms reward matches (its lexicon and canonical names, less
+    the question's terms); (None, None) when the reference names no term beyond the question's. An answer
+    naming no such term has precision 0."""
+    got, want = term_sets(answer, reference, question, lexicon)
+    if not want:
+        return None, None
+    hit = len(got & want)
+    return (hit / len(got) if got else 0.0), hit / len(want)
+
+
+def reward_weights(cfg: EvalConfig, with_reward_model: bool) -> dict[str, float]:
+    """Every reward, weighted as in the config's mix (weight 0: reported, not in the total)."""
+    return {n: float(cfg.rewards.get(n, 0.0)) for n in REWARDS if n != "reward_model" or with_reward_model}
+
+
+def score_answers(completions: list[str], rows: list[dict], answer_format: str, cfg: EvalConfig,
+                  reward_model: str | None, wordnet) -> list[dict]:
+    """Per-item metrics: the rewards (shared code) plus evaluation's own figures; None where a metric
+    does not apply to the item."""
+    weights = reward_weights(cfg, reward_model is not None)
+    shared = score_rows(completions, rows, weights, answer_format, reward_model, base_model=cfg.base_model,
+                        **cfg.reward_options())
+    lexicon = load_lexicon(cfg.term_lexicon)
+    out = []
+    for c, r, s in zip(completions, rows, shared):
+        answer, ref = parse(c, answer_format).answer, r.get("reference") or ""
+        d = {m: s.get(m) for m in REWARDS if m in s}
+        d["total"] = s.get("total")
+        has_ref = bool(ref.strip())
+        d["bleu1"] = bleu1(answer, ref) if has_ref else None
+        d["meteor"] = meteor(answer, ref, wordnet) if has_ref and wordnet is not None else None
+        d["terms_p"], d["terms_r"] = (term_precision_recall(answer, ref, lexicon, r.get("question") or "")
+                                      if has_ref else (None, None))
+        d["words"] = float(len(answer.split()))
+        out.append(d)
+    return out
+
+
+def reward_model_status(cfg: EvalConfig) -> tuple[str | None, str | None]:
+    """``(reward_model, None)`` when the configured reward model can score, else ``(None, note)``: the
+    column is left out with a note rather than stopping a comparison of the models that do exist."""
+    if not cfg.reward_model:
+        return None, None
+    import importlib.util
+
+    from utils.models.resolve import resolve_model
+
+    try:
+        resolve_model(cfg.reward_model, cfg.base_model)
+    except UserError as e:
+        return None, f"reward model column left out: {e}"
+    if importlib.util.find_spec("utils.reward_model") is None:
+        return None, "reward model column left out: utils/reward_model.py is not in this checkout"
+    return cfg.reward_model, None

@@ -1,0 +1,191 @@
+"""The trained reward model as a reward: scoring (question, answer) pairs with a one-logit classifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from utils.core.config import UserError
+from utils.models.loading import load_seqcls
+from utils.rewards.rules import _answers, _column, _finite, _str
+
+
+# ============================================================================= trained reward model
+def reward_model_reward(completions, reward_model: str | None = None, prompts=None, prompt=None, question=None,
+                        reference=None, answer_format: str = "plain", base_model: str | None = None,
+                        **kwargs) -> list[float | None]:
+    """The trained reward model's preference for the answer over the reference:
+    ``sigmoid(r(q, answer) - r(q, reference))``, the Bradley-Terry probability that the answer would be
+    chosen over the reference (0.5 for the reference itself), or ``sigmoid(r(q, answer))`` for items
+    without a reference. ``reward_model`` is a model reference (``reward``, a folder); the model is
+    loaded once per process. An empty answer scores 0. Range [0, 1]; always applies.
+
+    >>> reward_model_reward(["Yes, you may."], reward_model="reward", question=["May I refuse?"],
+    ...                     reference=["Yes, you may refuse."])  # doctest: +SKIP
+    [0.47]
+    """
+    if not reward_model:
+        raise UserError("reward 'reward_model' needs a model: set reward_model (e.g. 'reward', made by "
+                        "`python reward_model.py --config configs/cpu/reward.yaml`)")
+
+    answers = _answers(completions, answer_format)
+    n = len(answers)
+    prm = _column({"p": prompts if prompts is not None else prompt}, "p", n)
+    qs = _column({"question": question}, "question", n)
+    refs = [_str(r) for r in _column({"reference": reference}, "reference", n)]
+    # An empty answer says nothing: 0, as for the semantic reward (and no forward pass).
+    idx = [i for i, a in enumerate(answers) if a.strip()]
+    out: list[float | None] = [0.0] * n
+    if idx:
+        got = get_scorer(reward_model, base_model).preference([prm[i] for i in idx], [qs[i] for i in idx],
+                                                              [answers[i] for i in idx], [refs[i] for i in idx])
+        for i, v in zip(idx, got):
+            out[i] = _finite(v)
+    return out
+
+
+log = logging.getLogger(__name__)
+
+
+# ============================================================================= inputs
+def user_text(row: dict) -> str:
+    """What the reward model reads as the question: the last user turn of the prompt (with its record
+    or medical advice, as the policy saw it), else the question."""
+    prompt = row.get("prompt") if isinstance(row, dict) else None
+    if isinstance(prompt, list):
+        for m in reversed(prompt):
+            if isinstance(m, dict) and m.get("role") == "user":
+                return str(m.get("content") or "")
+    if isinstance(prompt, str) and prompt.strip():
+        return prompt
+    q = row.get("question") if isinstance(row, dict) else None
+    return q if isinstance(q, str) else ""
+
+
+def encode(tok, user: str, answer: str, max_length: int, max_prompt_tokens: int) -> list[int]:
+    """Token ids of one (question, answer) conversation under the tokenizer's chat template, at most
+    ``max_length``: the question keeps its last ``max_prompt_tokens`` tokens, the answer is cut to fit.
+    Training and scoring both go through here, so the model always reads the same layout."""
+    # A very long answer is cut by characters first; no token fits in less than a character.
+    answer = answer[: max_length * 8]
+    u = tok(user, add_special_tokens=False)["input_ids"]
+    if len(u) > max_prompt_tokens:
+        user = tok.decode(u[-max_prompt_tokens:])
+
+    def render(a: str) -> list[int]:
+        ids = tok.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": a}],
+                                      tokenize=True, return_dict=True)["input_ids"]
+        return list(ids)
+
+    ids = render(answer)
+    if len(ids) > max_length:
+        a = tok(answer, add_special_tokens=False)["input_ids"]
+        keep = max(0, len(a) - (len(ids) - max_length) - 2)  # 2: a re-tokenised cut may merge differently
+        ids = render(tok.decode(a[:keep]))
+    return ids[:max_length]
+
+
+class RewardScorer:
+    """Scores (question, answer) pairs with a trained reward model: raw logits, or the Bradley-Terry
+    preference of an answer over the reference."""
+
+    def __init__(self, model, tok, max_length: int, max_prompt_tokens: int, batch_size: int = 16):
+        self.model, self.tok = model, tok
+        self.max_length, self.max_prompt_tokens, self.batch_size = max_length, max_prompt_tokens, batch_size
+        self._ref_cache: dict[tuple[str, str], float] = {}
+
+    @classmethod
+    def load(cls, ref: str, base_model: str | None = None, device: str | None = None) -> "RewardScorer":
+        import torch
+
+        from utils.core.artifacts import read_train_config
+        from utils.models.loading import load_tokenizer, pick_dtype
+        from utils.models.resolve import ModelNotFound, adapter_base, resolve_model
+
+        path = resolve_model(ref, base_model)
+        meta = read_train_config(path) or {}
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = pick_dtype("auto")
+        tok = load_tokenizer(path)
+        base = adapter_base(path)
+        if base is None:
+            model = load_seqcls(path, dtype, meta.get("keep_layers", 0) or 0)
+        else:
+            from peft import PeftModel
+
+            try:
+                base_path = resolve_model(base)
+            except ModelNotFound:
+                # The adapter names its base by the folder it was trained on; on another machine the
+                # recipe's reference (e.g. smollm2-135m-instruct) finds the same model.
+                base_path = resolve_model(base_model or meta.get("base_model") or base)
+            model = load_seqcls(base_path, dtype, meta.get("keep_layers", 0) or 0)
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        model.config.pad_token_id = tok.pad_token_id
+        model.to(device).eval()
+        log.info("reward model %s loaded on %s", path, device)
+        return cls(model, tok, meta.get("max_length", 256), meta.get("max_prompt_tokens", 96),
+                   meta.get("score_batch_size", 16))
+
+    def scores(self, users: list[str], answers: list[str]) -> list[float]:
+        """The raw reward (one logit) of each (question, answer)."""
+        import torch
+
+        seqs = [encode(self.tok, u, a, self.max_length, self.max_prompt_tokens) for u, a in zip(users, answers)]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out = [0.0] * len(seqs)
+        device = next(self.model.parameters()).device
+        pad = self.tok.pad_token_id
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for b in range(0, len(order), self.batch_size):
+                idx = order[b:b + self.batch_size]
+                width = max(len(seqs[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):  # right padding, as the trainer's collator pads
+                    ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+                    mask[row, :len(seqs[i])] = 1
+                with torch.inference_mode():
+                    logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                for row, i in enumerate(idx):
+                    v = float(logits[row, 0])
+                    out[i] = v if math.isfinite(v) else 0.0
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def preference(self, prompts: list, questions: list, answers: list[str], refs: list[str]) -> list[float]:
+        """sigmoid(r(q, answer) - r(q, reference)) per item (sigmoid(r(q, answer)) without a reference);
+        reference scores are cached, since GRPO scores many answers to one question."""
+        users = [user_text({"prompt": p, "question": q}) for p, q in zip(prompts, questions)]
+        todo = [(u, r) for u, r in dict.fromkeys(zip(users, refs)) if r.strip() and (u, r) not in self._ref_cache]
+        if todo:
+            if len(self._ref_cache) > 50000:
+                self._ref_cache.clear()
+            for key, v in zip(todo, self.scores([u for u, _ in todo], [r for _, r in todo])):
+                self._ref_cache[key] = v
+        raw = self.scores(users, answers)
+        out = []
+        for u, r, s in zip(users, refs, raw):
+            base = self._ref_cache.get((u, r), 0.0) if r.strip() else 0.0
+            out.append(_sigmoid(s - base))
+        return out
+
+
+def _sigmoid(x: float) -> float:
+    x = max(-60.0, min(60.0, x))  # exp overflows far beyond where the sigmoid is already 0 or 1
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+_SCORERS: dict[tuple[str, str | None], RewardScorer] = {}
+
+
+def get_scorer(ref: str, base_model: str | None = None) -> RewardScorer:
+    """The reward model ``ref`` (``reward``, a folder ...), loaded once per process."""
+    key = (ref, base_model)
+    if key not in _SCORERS:
+        _SCORERS[key] = RewardScorer.load(ref, base_model)
+    return _SCORERS[key]

@@ -1,0 +1,231 @@
+"""What GRPO logs besides TRL's metrics: the held-out reward, sample completions, a time limit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from utils.rewards.rules import completion_text
+from utils.training.grpo.config import GRPOTrainConfig
+from utils.training.grpo.trainer import merged_adapter
+
+log = logging.getLogger(__name__)
+
+
+HELDOUT_LOG = "heldout.jsonl"   # in the run folder: every held-out evaluation, answers included
+
+
+SAMPLES_LOG = "samples.jsonl"   # in the run folder: the sample completions logged every sample_steps
+
+
+# ============================================================================= held-out reward, samples
+def _tb_writer(trainer):
+    from transformers.integrations import TensorBoardCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback):
+            return cb.tb_writer
+    return None
+
+
+def summarize_scores(scores: list[dict]) -> dict[str, float]:
+    """Mean of each reward over the items it applies to, and of the weighted total."""
+    names = list(dict.fromkeys(k for s in scores for k in s))
+    out = {}
+    for name in names:
+        vals = [s[name] for s in scores if s.get(name) is not None]
+        if vals:
+            out[name] = sum(vals) / len(vals)
+    return out
+
+
+def paired_change(first: list[dict], last: list[dict], key: str = "total") -> dict:
+    """Mean per-prompt change of ``key`` between two evaluations of the same prompts, with its standard error."""
+    diffs = [b[key] - a[key] for a, b in zip(first, last) if a.get(key) is not None and b.get(key) is not None]
+    if len(diffs) < 2:
+        return {}
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"mean": sum(diffs) / len(diffs), "stderr": se, "n": len(diffs)}
+
+
+class _Callback:
+    """A transformers ``TrainerCallback`` by duck typing: the events a subclass does not define do nothing.
+    (Subclassing the real one would import transformers with this module, slowing ``--help``.)"""
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
+class HeldOutReward(_Callback):
+    """Scores greedy answers to fixed validation prompts at the start (``eval_on_start``), every
+    ``eval_steps`` steps and at the end; the prompts are shared out over the processes. Each evaluation
+    goes to TensorBoard (``heldout/<reward>``), to the trainer state's log history (so it survives a
+    resume), and with its answers to ``<run_dir>/heldout.jsonl``."""
+
+    def __init__(self, cfg: GRPOTrainConfig, rows: list[dict], tokenizer):
+        self.cfg, self.rows, self.tok = cfg, rows, tokenizer
+        self.trainer = None
+        self.last_step = None
+        self.max_new_tokens = cfg.heldout_max_new_tokens or cfg.max_completion_length
+
+    def evaluate(self, step: int) -> dict | None:
+        from accelerate.utils import gather_object
+        from trl.models import unwrap_model_for_generation
+
+        from utils.models.generation import generate
+
+        tr = self.trainer
+        acc = tr.accelerator
+        shard = self.rows[acc.process_index::acc.num_processes]
+        started = time.time()
+        with unwrap_model_for_generation(tr.model_wrapped, acc, gather_deepspeed3_params=tr.args.ds3_gather_for_generation,
+                                         gradient_checkpointing_kwargs=tr.args.gradient_checkpointing_kwargs) as m, \
+                merged_adapter(m):
+            answers = generate(m, self.tok, [r["prompt"] for r in shard], max_new_tokens=self.max_new_tokens,
+                               batch_size=self.cfg.eval_batch_size or self.cfg.per_device_batch_size)
+        scores = self.cfg.score(answers, shard) if shard else []
+        results = gather_object([{"id": r["id"], "task": r["task"], "answer": a, "scores": s}
+                                 for r, a, s in zip(shard, answers, scores)])
+        self.last_step = step
+        if not acc.is_main_process:
+            return None
+        order = {r["id"]: i for i, r in enumerate(self.rows)}
+        results.sort(key=lambda x: order[x["id"]])
+        means = summarize_scores([x["scores"] for x in results])
+        entry = {"step": step, **{f"heldout/{k}": round(v, 5) for k, v in means.items()}}
+        tr.state.log_history.append(entry)
+        writer = _tb_writer(tr)
+        if writer is not None:
+            for k, v in means.items():
+                writer.add_scalar(f"heldout/{k}", v, step)
+            writer.flush()
+        with (Path(self.cfg.run_dir) / HELDOUT_LOG).open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "means": means, "items": results}, ensure_ascii=False) + "\n")
+        log.info("held-out reward at step %d: %.4f (%s) over %d prompts in %.0f s", step, means.get("total", float("nan")),
+                 ", ".join(f"{k} {v:.3f}" for k, v in means.items() if k != "total"), len(results),
+                 time.time() - started)
+        return means
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.rows and self.cfg.eval_on_start and state.global_step == 0:
+            self.evaluate(0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.rows and state.global_step % self.cfg.eval_steps == 0:
+            self.evaluate(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.rows and self.last_step != state.global_step:
+            self.evaluate(state.global_step)
+
+
+class DropEmptyMetrics(_Callback):
+    """Removes metrics without a value from a log record before TensorBoard sees it: TRL reports a reward
+    that applied to no completion of the step (e.g. yesno on a step without yes/no questions) as None,
+    which the TensorBoard writer refuses with a warning each time. Must run first among the callbacks."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for k in [k for k, v in (logs or {}).items() if v is None]:
+            del logs[k]
+
+
+class TimeLimit(_Callback):
+    """Ends training once ``time_limit_minutes`` have passed since the first step began."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.started = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.started is None:
+            self.started = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seconds and self.started is not None and time.time() - self.started > self.seconds:
+            log.info("time limit of %.0f minutes reached at step %d of %d; finishing", self.seconds / 60,
+                     state.global_step, state.max_steps)
+            control.should_training_stop = True
+            control.should_save = True
+
+
+class SampleLogger(_Callback):
+    """Every ``sample_steps`` steps: the first ``samples_to_log`` prompt groups of the latest generation
+    batch, each completion with its rewards and advantage, as a TensorBoard text table (``samples``) and a
+    line of ``<run_dir>/samples.jsonl``."""
+
+    def __init__(self, cfg: GRPOTrainConfig):
+        self.cfg = cfg
+        self.trainer = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.cfg.sample_steps or state.global_step % self.cfg.sample_steps or \
+                not self.trainer.accelerator.is_main_process:
+            return
+        logs = self.trainer._logs
+        n = min(len(logs["prompt"]), self.cfg.samples_to_log * self.cfg.num_generations)
+        if not n:
+            return
+        names = list(logs["rewards"])
+        items = []
+        for i in range(n):
+            prompt = logs["prompt"][i]
+            items.append({"question": completion_text([m for m in prompt if m.get("role") == "user"][-1:]),
+                          "completion": completion_text(logs["completion"][i]),
+                          "rewards": {k: _num(logs["rewards"][k][i]) for k in names},
+                          "advantage": _num(logs["advantages"][i])})
+        with (Path(self.cfg.run_dir) / SAMPLES_LOG).open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": state.global_step, "items": items}, ensure_ascii=False) + "\n")
+        writer = _tb_writer(self.trainer)
+        if writer is not None:
+            writer.add_text("samples", samples_markdown(items, names), state.global_step)
+            writer.flush()
+
+
+def _num(x) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
+
+
+def samples_markdown(items: list[dict], names: list[str]) -> str:
+    """Sample completions as Markdown: one table per question (TensorBoard renders it)."""
+    out, question = [], None
+
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")[:600]
+
+    for it in items:
+        if it["question"] != question:
+            question = it["question"]
+            out += ["", f"**Q:** {cell(question)}", "", "| completion | " + " | ".join(names) + " | advantage |",
+                    "|---" * (len(names) + 2) + "|"]
+        vals = " | ".join("-" if it["rewards"][k] is None else f"{it['rewards'][k]:.2f}" for k in names)
+        adv = "-" if it["advantage"] is None else f"{it['advantage']:.2f}"
+        out.append(f"| {cell(it['completion'])} | {vals} | {adv} |")
+    return "\n".join(out).strip()
+
+
+def heldout_summary(history: list[dict]) -> dict:
+    """The held-out curve from the log history, its first and last points, and the step-to-step noise (std of
+    the differences between consecutive evaluations of the weighted total)."""
+    curve = [h for h in history if "heldout/total" in h]
+    out: dict[str, Any] = {"heldout": curve}
+    if curve:
+        out["heldout_first"], out["heldout_last"] = curve[0], curve[-1]
+        steps = [b["heldout/total"] - a["heldout/total"] for a, b in zip(curve, curve[1:])]
+        if len(steps) >= 2:
+            out["heldout_step_noise"] = statistics.stdev(steps)
+    return out
+
+
+def _read_heldout(run_dir: str) -> list[dict]:
+    path = Path(run_dir) / HELDOUT_LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,212 @@
+"""The GRPO run that grpo_train.py performs: arguments, trainer, run folder, training, final save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from utils.training.config import configure_threads, gradient_accumulation, load_train_tokenizer, trl_args
+from utils.training.grpo.callbacks import (
+    HELDOUT_LOG,
+    SAMPLES_LOG,
+    DropEmptyMetrics,
+    HeldOutReward,
+    SampleLogger,
+    TimeLimit,
+    _read_heldout,
+    heldout_summary,
+    paired_change,
+)
+from utils.training.grpo.config import GRPOTrainConfig, heldout_rows, load_prompts, to_dataset
+from utils.training.grpo.policy import check_backends, load_policy, vllm_wanted
+from utils.training.grpo.trainer import _trainer_class
+from utils.training.run import resume_checkpoint, save_final, training_metrics
+
+log = logging.getLogger(__name__)
+
+
+# ============================================================================= the run
+def output_dir(cfg: GRPOTrainConfig) -> Path:
+    from utils.models.resolve import models_root
+
+    return Path(cfg.output_dir) if cfg.output_dir else models_root() / "rlhf"
+
+
+def grpo_args(cfg: GRPOTrainConfig, reward_weights: list[float]):
+    """TRL's GRPOConfig for ``cfg``: the common training settings (utils.training.trl_args) plus GRPO's.
+    One generation round per optimizer step (the generation batch is the step's batch), so sampling is
+    on-policy and needs no extra log-probability pass."""
+    extra: dict[str, Any] = dict(
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature, top_p=cfg.top_p, loss_type=cfg.loss_type, beta=cfg.beta,
+        epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, scale_rewards=cfg.scale_rewards,
+        multi_objective_aggregation=cfg.reward_aggregation,
+        mask_truncated_completions=cfg.mask_truncated_completions, num_iterations=cfg.num_iterations,
+        reward_weights=reward_weights,
+        # Dropout would make the sampled policy and the trained one differ; LoRA dropout is 0 here anyway.
+        disable_dropout=True,
+        # The held-out reward replaces TRL's evaluation loop (which would sample num_generations per prompt).
+        eval_strategy="no", eval_on_start=False,
+        use_vllm=vllm_wanted(cfg), vllm_mode=cfg.vllm_mode,
+        vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        vllm_tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+        # Keeps the extra dataset columns (reference, labels) that the rewards read.
+        remove_unused_columns=False,
+        # GRPO batches carry no input_ids for the Trainer to count; TRL counts the tokens itself (num_tokens).
+        include_num_input_tokens_seen="no",
+    )
+    if cfg.vllm_server_base_url:
+        extra["vllm_server_base_url"] = cfg.vllm_server_base_url
+    if extra["use_vllm"] and cfg.vllm_mode == "colocate":
+        # vLLM's context must hold the longest prompt plus a completion; 2048 covers the data card's longest
+        # prompts with room to spare and keeps the KV reservation small.
+        extra["vllm_max_model_length"] = 2048
+    name = cfg.run_name or f"grpo-{time.strftime('%Y%m%d-%H%M%S')}"
+    return trl_args(cfg, name, **extra)
+
+
+def build_trainer(cfg: GRPOTrainConfig, train_rows: list[dict], args=None):
+    """The GRPO trainer for ``cfg`` on ``train_rows``, and the model an adapter of it applies to."""
+    configure_threads(cfg)
+    funcs, weights = cfg.build()
+    args = args or grpo_args(cfg, weights)
+    tok = load_train_tokenizer(cfg, cfg.policy)
+    model, peft_config, base_ref = load_policy(cfg)
+    cls = _trainer_class()
+    trainer = cls(model=model, reward_funcs=funcs, args=args, train_dataset=to_dataset(train_rows),
+                  processing_class=tok, peft_config=peft_config)
+    trainer.fast_generation = cfg.fast_generation
+    trainer.pack_groups = cfg.pack_groups
+    return trainer, base_ref
+
+
+def _prepare_run_dir(cfg: GRPOTrainConfig, ckpt: str | None) -> None:
+    """Start the run folder's logs afresh, or, on resumption, drop what was logged after the checkpoint
+    (those steps run again)."""
+    upto = int(Path(ckpt).name.split("-")[-1]) if ckpt else -1
+    for name in (HELDOUT_LOG, SAMPLES_LOG):
+        path = Path(cfg.run_dir) / name
+        if not path.is_file():
+            continue
+        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= upto]
+        path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def run_grpo(cfg: GRPOTrainConfig) -> dict:
+    """Train, measure and save as the config says; return the metrics written to metrics.json."""
+    import torch
+
+    check_backends(cfg)
+    out = output_dir(cfg)
+    gradient_accumulation(cfg)  # a batch that does not divide over this run's processes stops here, early
+    train = load_prompts(cfg, "train", cfg.max_train_prompts)
+    heldout = heldout_rows(cfg)
+    _, weights = cfg.build()
+    args = grpo_args(cfg, weights)  # sets up the processes of a distributed run
+    with args.main_process_first(desc="run folder"):
+        ckpt = resume_checkpoint(cfg)
+        if args.process_index == 0:
+            _prepare_run_dir(cfg, ckpt)
+    log.info("generation: %s", f"vLLM ({cfg.vllm_mode})" if args.use_vllm else
+             "transformers" + (" (merged adapter, shared prefill)" if cfg.fast_generation else ""))
+    log.info("GRPO on %d prompts x %d completions, %d held-out prompts, rewards %s (%s) -> %s", len(train),
+             cfg.num_generations, len(heldout), cfg.rewards, cfg.reward_aggregation, out)
+    try:
+        trainer, base_ref = build_trainer(cfg, train, args)
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in trainer.model.parameters())
+        log.info("training %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+        held = HeldOutReward(cfg, heldout, trainer.processing_class)
+        samples = SampleLogger(cfg)
+        for cb in (held, samples, TimeLimit(cfg.time_limit_minutes)):
+            cb.trainer = trainer
+            trainer.add_callback(cb)
+        trainer.callback_handler.callbacks.insert(0, DropEmptyMetrics())
+        started = time.time()
+        trainer.train(resume_from_checkpoint=ckpt)
+        wall = time.time() - started
+        metrics = {}
+        if trainer.accelerator.is_main_process:
+            metrics = final_metrics(cfg, trainer, ckpt, len(train), wall)
+            model = trainer.model
+            if hasattr(model, "peft_config") and "ref" in model.peft_config:
+                model.delete_adapter("ref")  # TRL's frozen copy for the KL term, not part of the result
+            cfg_out = cfg if cfg.output_dir else dataclasses.replace(cfg, output_dir=str(out))
+            save_final(model, trainer.processing_class, cfg_out, metrics, model_card(cfg_out, metrics, base_ref),
+                       base_ref=base_ref)
+        return metrics
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Without an orderly teardown the gloo backend sometimes aborts the other ranks at exit.
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def final_metrics(cfg: GRPOTrainConfig, trainer, ckpt: str | None, n_train: int, wall: float) -> dict:
+    history = trainer.state.log_history
+    rewards = [{k: v for k, v in h.items() if k == "step" or k == "reward" or k.startswith("rewards/")
+                or k in ("kl", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio")}
+               for h in history if "reward" in h]
+    summary = next((h for h in reversed(history) if "train_runtime" in h), {})
+    steps_run = trainer.state.global_step - (int(Path(ckpt).name.split("-")[-1]) if ckpt else 0)
+    extra = {"resumed_from": ckpt, "num_processes": trainer.accelerator.num_processes, "train_prompts": n_train, "answer_format": cfg.answer_format,
+             "rewards": cfg.rewards, "train_curve": rewards,
+             "wall_seconds_this_run": round(wall, 1),
+             "samples_per_second_this_run": round(steps_run * cfg.batch_size / wall, 3) if wall else None,
+             **heldout_summary(history)}
+    evals = _read_heldout(cfg.run_dir)
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        by_id = {x["id"]: x["scores"] for x in first["items"]}
+        pairs = [(by_id[x["id"]], x["scores"]) for x in last["items"] if x["id"] in by_id]
+        extra["heldout_change"] = {k: paired_change([a for a, _ in pairs], [b for _, b in pairs], k)
+                                   for k in ["total", *cfg.rewards]}
+        extra["heldout_change_steps"] = [first["step"], last["step"]]
+    out = training_metrics(trainer, extra)
+    out.pop("eval_loss", None)
+    out.pop("train_loss", None)
+    out["train"] = {k: v for k, v in summary.items() if k != "step"}
+    return out
+
+
+def model_card(cfg: GRPOTrainConfig, metrics: dict, base_ref: str | None) -> str:
+    first, last = metrics.get("heldout_first", {}), metrics.get("heldout_last", {})
+    names = ["total", *cfg.rewards]
+
+    def fmt(h, k):
+        v = h.get(f"heldout/{k}")
+        return "n/a" if v is None else f"{v:.3f}"
+
+    rows = [f"| {k} | {fmt(first, k)} | {fmt(last, k)} |" for k in names]
+    change = metrics.get("heldout_change", {}).get("total", {})
+    lora = (f"LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}" if cfg.adapter == "lora" else "full fine-tuning")
+    return "\n".join([
+        f"# ECG-GRPO policy ({cfg.base_model})", "",
+        f"GRPO fine-tune of `{cfg.policy}` (adapter on `{base_ref}`) on ECG-Expert-QA prompts "
+        f"(tasks: {', '.join(cfg.tasks) if cfg.tasks else 'all in the GRPO set'}), made by `grpo_train.py`.", "",
+        "## Use", "",
+        "```python",
+        "from utils.generation import load_for_generation, generate, with_format_instructions",
+        f"model, tok = load_for_generation('{output_dir(cfg)}')",
+        f"generate(model, tok, [with_format_instructions(messages, '{cfg.answer_format}')])",
+        "```", "",
+        "## Training", "",
+        f"- rewards (weights): {', '.join(f'{k} {v}' for k, v in cfg.rewards.items())}; aggregation "
+        f"{cfg.reward_aggregation}, scaling {cfg.scale_rewards}",
+        f"- {metrics.get('global_step')} steps of {cfg.batch_size} completions ({cfg.num_generations} per prompt, at "
+        f"most {cfg.max_completion_length} tokens, temperature {cfg.temperature}); loss {cfg.loss_type}, beta "
+        f"{cfg.beta}, learning rate {cfg.learning_rate}; {lora}",
+        f"- wall time {metrics.get('wall_seconds_this_run')} s (this run), peak RSS {metrics.get('peak_rss_mb')} MiB", "",
+        f"## Held-out reward ({cfg.heldout_prompts} validation prompts, greedy)", "",
+        f"| reward | step {first.get('step', '-')} | step {last.get('step', '-')} |", "| --- | ---: | ---: |", *rows, "",
+        (f"Paired change of the total: {change['mean']:+.4f} +- {change['stderr']:.4f} (standard error, "
+         f"{change['n']} prompts)." if change else ""), "",
+        "## Limitations", "",
+        "Educational use only: not medical advice. The rewards are automatic proxies of answer quality; "
+        "ECG-Expert-QA states no license upstream, so this model is for research within those terms.", ""])

@@ -1,0 +1,272 @@
+"""ECGGRPOTrainer: TRL's GRPOTrainer with faster generation and packed prompt groups.
+
+On the transformers generation path, completions are sampled with the LoRA update merged into the fp32
+weights (no adapter work per decoded token), and each prompt's prefill runs once for its group of
+``num_generations`` completions, its KV cache then copied to the group's rows; the log-probability pass
+likewise runs each group's shared prompt once. ``fast_generation: false`` / ``pack_groups: false`` restore
+TRL's own paths; vLLM, continuous batching, tools and multimodal inputs always use them.
+
+The overrides are of private TRL methods (TRL gives no public hook for these); each is registered with
+:func:`utils.training.trl_compat.overrides`, which records the TRL version and signature it was written
+against, and a test fails when the installed TRL's method no longer matches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from utils.training.grpo.policy import _zero3
+
+
+# ============================================================================= faster generation
+@contextlib.contextmanager
+def merged_adapter(model):
+    """Sample with the LoRA update merged into the base weights: the per-token adapter matmuls go away.
+
+    Only for fp32 weights: un-merging subtracts the same update again, exact to fp32 rounding (about
+    1e-7 relative per round, far below what training moves); with bf16 or 4-bit weights the round trip
+    would lose precision, so those generate with the adapter as it is. Not under ZeRO-3 (sharded weights).
+    """
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    ok = (bool(layers) and hasattr(model, "merge_adapter") and not _zero3()
+          and all(getattr(m.get_base_layer(), "weight", None) is not None
+                  and m.get_base_layer().weight.dtype == torch.float32 for m in layers)
+          and not any(m.merged for m in layers))
+    if not ok:
+        yield model
+        return
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()
+
+
+def generate_grouped(model, prompt_ids: list[list[int]], generation_config, pad_token_id: int) -> "Any":
+    """``model.generate`` for a batch in which prompts repeat (GRPO's groups): the prompts are left-padded,
+    each distinct prompt's prefill (all but its last token) runs once, and its KV cache is copied to every
+    row that asks it; generation then goes on from the last prompt token. Returns the generated ids
+    (rows x new tokens), in the order of ``prompt_ids``."""
+    import torch
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    keys: dict[tuple, int] = {}
+    rows = [keys.setdefault(tuple(p), len(keys)) for p in prompt_ids]
+    distinct = [list(k) for k in keys]
+    width = max(len(p) for p in distinct)
+    ids = torch.full((len(distinct), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(distinct), width), dtype=torch.long)
+    for i, p in enumerate(distinct):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    index = torch.tensor(rows, device=device)
+    past = None
+    if len(distinct) < len(prompt_ids) and width > 1:
+        # The same positions as generate() derives from the mask, so the cached keys match what it would compute.
+        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        past = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
+              past_key_values=past, use_cache=True, logits_to_keep=1)
+        past.batch_select_indices(index)
+    out = model.generate(input_ids=ids[index], attention_mask=mask[index], past_key_values=past,
+                         generation_config=generation_config)
+    return out[:, width:]
+
+
+def _trim_after_eos(completion_ids, eos_token_ids: list[int]) -> list[list[int]]:
+    """Each row up to and including its first end token (as TRL does after generate)."""
+    import torch
+
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
+    eos_idx = torch.full((is_eos.size(0),), is_eos.size(1), dtype=torch.long, device=completion_ids.device)
+    eos_idx[is_eos.any(dim=1)] = is_eos.int().argmax(dim=1)[is_eos.any(dim=1)]
+    seq = torch.arange(is_eos.size(1), device=completion_ids.device).expand(is_eos.size(0), -1)
+    keep = seq <= eos_idx.unsqueeze(1)
+    return [c[m].tolist() for c, m in zip(completion_ids.cpu(), keep.cpu())]
+
+
+def group_rows(prompt_ids, prompt_mask) -> list["Any"]:
+    """Indices of the rows that share a prompt (identical padded prompt and mask), one tensor per prompt,
+    in order of first appearance."""
+    import torch
+
+    key = torch.cat([prompt_ids, prompt_mask], dim=1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    order = list(dict.fromkeys(inverse.tolist()))
+    return [(inverse == g).nonzero().flatten() for g in order]
+
+
+def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, temperature: float,
+                       attn_implementation: str, compute_entropy: bool = False):
+    """Per-token log-probabilities (and entropies) of the completions, with each prompt run once per group.
+
+    GRPO trains on ``num_generations`` completions of the same prompt; the usual batch repeats the
+    prompt in every row and pads every completion to the longest, so most of the forward and backward
+    work goes to the same prompt tokens again and to padding. Here each group becomes one row: the
+    prompt, then its completions one after the other at their own lengths, with a block attention mask
+    (every completion sees the prompt and its own earlier tokens, never another completion) and
+    positions that restart after the prompt for each completion. The logits, and so the gradient, are
+    those of the unpacked rows (up to float rounding); the prompt's activations are computed once and
+    receive the group's summed gradient.
+
+    ``input_ids`` / ``attention_mask``: prompts (left-padded) then completions (right-padded, the last
+    ``logits_to_keep`` columns), as TRL builds them. Returns ``(logps, entropies or None)``, each
+    ``rows x logits_to_keep``, rows in the input order, 0 at padding.
+    """
+    import torch
+
+    n, width = input_ids.shape
+    c = logits_to_keep
+    p = width - c
+    device = input_ids.device
+    prompt_ids, prompt_mask = input_ids[:, :p], attention_mask[:, :p].bool()
+    comp_ids = input_ids[:, p:]
+    # A completion's real tokens are a prefix of its columns (up to and including its end token).
+    lengths = attention_mask[:, p:].sum(dim=1).tolist()
+    groups = group_rows(prompt_ids, prompt_mask.long())
+    length = p + max(sum(lengths[r] for r in g.tolist()) for g in groups)
+    packed = torch.zeros((len(groups), length), dtype=input_ids.dtype, device=device)
+    positions = torch.zeros((len(groups), length), dtype=torch.long, device=device)
+    allowed = torch.zeros((len(groups), length, length), dtype=torch.bool, device=device)
+    causal = torch.ones((max(p, c), max(p, c)), dtype=torch.bool, device=device).tril()
+    slots = []  # (group, row, start column, length)
+    for g, rows in enumerate(groups):
+        pm = prompt_mask[rows[0]]
+        packed[g, :p] = prompt_ids[rows[0]]
+        positions[g, :p] = (pm.long().cumsum(0) - 1).clamp(min=0)
+        allowed[g, :p, :p] = causal[:p, :p] & pm[None, :]
+        n_prompt = int(pm.sum())
+        start = p
+        for r in rows.tolist():
+            m = lengths[r]
+            packed[g, start:start + m] = comp_ids[r, :m]
+            positions[g, start:start + m] = n_prompt + torch.arange(m, device=device)
+            allowed[g, start:start + m, :p] = pm[None, :]
+            allowed[g, start:start + m, start:start + m] = causal[:m, :m]
+            slots.append((g, r, start, m))
+            start += m
+    # Every query sees at least itself: a padding position with nothing to attend to would give NaN.
+    allowed |= torch.eye(length, dtype=torch.bool, device=device)
+    if attn_implementation == "sdpa":
+        mask4d = allowed[:, None]
+    else:  # eager attention adds the mask to the scores
+        mask4d = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
+        mask4d = mask4d.masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+    # Hidden states from the last prompt column on: that column predicts each completion's first token.
+    keep = torch.arange(p - 1, length, device=device)
+    logits = model(input_ids=packed, attention_mask=mask4d, position_ids=positions, logits_to_keep=keep,
+                   use_cache=False).logits.float() / temperature
+    logps = torch.zeros((n, c), dtype=torch.float32, device=device)
+    entropies = torch.zeros((n, c), dtype=torch.float32, device=device) if compute_entropy else None
+    rows_lp, rows_ent, index_r, index_t = [], [], [], []
+    for g, r, start, m in slots:
+        if m == 0:
+            continue
+        # column start + j - 1 predicts token j; for j = 0 that is the prompt's last column (logits row 0)
+        lg = torch.cat([logits[g, :1], logits[g, start - p + 1: start - p + m]], dim=0)  # m x vocab
+        lse = torch.logsumexp(lg, dim=-1)
+        rows_lp.append(lg.gather(-1, comp_ids[r, :m, None]).squeeze(-1) - lse)
+        if compute_entropy:
+            with torch.no_grad():
+                rows_ent.append(lse - (torch.softmax(lg, dim=-1) * lg).sum(-1))
+        index_r += [r] * m
+        index_t += list(range(m))
+    if rows_lp:
+        idx = (torch.tensor(index_r, device=device), torch.tensor(index_t, device=device))
+        logps = logps.index_put(idx, torch.cat(rows_lp))
+        if compute_entropy:
+            entropies = entropies.index_put(idx, torch.cat(rows_ent))
+    return logps, entropies
+
+
+def _trainer_class():
+    """:class:`ECGGRPOTrainer`, built on first use so that importing this module does not import trl."""
+    global ECGGRPOTrainer
+    if ECGGRPOTrainer is not None:
+        return ECGGRPOTrainer
+    import torch
+    from trl import GRPOTrainer
+    from trl.extras.profiling import profiling_context
+    from trl.models import unwrap_model_for_generation
+    from trl.trainer.grpo_trainer import split_tensor_dict
+
+    class _Trainer(GRPOTrainer):
+        """TRL's GRPOTrainer with the faster generation and the packed prompt groups of the module
+        docstring; vLLM, continuous batching, tools and multimodal inputs keep TRL's own paths."""
+
+        fast_generation = True
+        pack_groups = True
+
+        def _packing(self) -> bool:
+            return (self.pack_groups and not self.tools and not self._is_vlm and not self.aux_loss_enabled
+                    and not self._entropy_bonus_enabled
+                    and self.model.config._attn_implementation in ("sdpa", "eager"))
+
+        def _prepare_inputs(self, generation_batch):
+            # TRL shuffles a generation batch before cutting it into micro-batches; with one optimizer step
+            # per generation batch (on-policy) the order does not change the update, and keeping each
+            # prompt's group in one micro-batch is what lets the packed forward run the prompt once.
+            if not self.model.training or not self._packing():
+                return super()._prepare_inputs(generation_batch)
+            generate_every = self.args.steps_per_generation * self.num_iterations
+            if self._step % generate_every == 0 or self._buffered_inputs is None:
+                batch = self._generate_and_score_completions(generation_batch)
+                self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
+            return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                               **multimodal):
+            if compute_aux_loss or any(v is not None for v in multimodal.values()) or not self._packing():
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                    compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
+            p = input_ids.size(1) - logits_to_keep
+            groups = group_rows(input_ids[:, :p], attention_mask[:, :p])
+            limit = max(batch_size or input_ids.size(0), max(len(g) for g in groups))
+            chunks, current = [], []
+            for g in groups:  # whole groups per forward pass, about batch_size rows each
+                if current and sum(len(x) for x in current) + len(g) > limit:
+                    chunks.append(torch.cat(current))
+                    current = []
+                current.append(g)
+            chunks.append(torch.cat(current))
+            logps = torch.zeros(input_ids.size(0), logits_to_keep, device=input_ids.device)
+            entropies = torch.zeros_like(logps) if compute_entropy else None
+            impl = self.model.config._attn_implementation
+            for rows in chunks:
+                with self.accelerator.autocast():
+                    lp, ent = packed_group_logps(model, input_ids[rows], attention_mask[rows], logits_to_keep,
+                                                 self.temperature, impl, compute_entropy)
+                logps = logps.index_put((rows,), lp)
+                if compute_entropy:
+                    entropies = entropies.index_put((rows,), ent)
+            return logps, entropies, None
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                                  has_tool_images=False):
+            if (not self.fast_generation or self.use_vllm or self.use_transformers_continuous_batching
+                    or images is not None or multimodal_fields or self.tools):
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                     has_tool_images)
+            with (profiling_context(self, "transformers.generate"),
+                  unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                              gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                              generation_kwargs=self.generation_kwargs,
+                                              gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
+                  as unwrapped, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False),
+                  merged_adapter(unwrapped)):
+                new = generate_grouped(unwrapped, prompt_ids, self.generation_config, self._tokenizer.pad_token_id)
+            return _trim_after_eos(new, self.eos_token_ids), None
+
+    ECGGRPOTrainer = _Trainer
+    return _Trainer
+
+
+ECGGRPOTrainer = None

@@ -1,0 +1,324 @@
+"""Phase 3's training: preference pairs from the train split, TRL's RewardTrainer with a LoRA adapter,
+held-out pairwise accuracy per negative type, and the saved reward model.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from utils.core.config import fld, non_negative, positive
+from utils.data.rows import DataError, read_split
+from utils.models.loading import load_seqcls
+from utils.rewards.mix import RewardMix
+from utils.rewards.negatives import NEGATIVE_TYPES, balanced_subsample, build_pairs, subsample
+from utils.rewards.reward_model import RewardScorer, encode
+from utils.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+SUBCOMMANDS = ("train", "score", "audit", "terms")
+
+
+@dataclass
+class RewardModelConfig(TrainConfig, RewardMix):
+    """reward_model.py's config: the common training fields (utils/training.py), the reward mix that
+    ``score`` and ``audit`` use (utils/rewards.py), and the pair, scoring and audit settings."""
+
+    TRL_CONFIG: ClassVar[str] = "RewardConfig"
+
+    data_dir: str = fld("data/processed", "Folder written by prepare_data.py (grpo/train.jsonl, "
+                        "grpo/validation.jsonl, eval/test.jsonl).")
+    negatives: list[str] = fld(help="Kinds of rejected answers to build pairs from (see utils/reward_model.py).",
+                               choices=NEGATIVE_TYPES,
+                               default_factory=lambda: ["similar", "flip_yesno", "numbers", "truncate",
+                                                        "contradiction"])
+    max_train_pairs: int = fld(0, "Train on a seeded subset of this many pairs, negative types in the shares "
+                               "negative_weights gives; 0: all.",
+                               check=(non_negative, "an integer >= 0"))
+    negative_weights: dict[str, float] = fld(
+        help="Relative share of each negative type in the training pairs (a type left out: 1; 0: none).",
+        default_factory=dict, check=(lambda d: all(k in NEGATIVE_TYPES and v >= 0 for k, v in d.items()),
+                                     f"a mapping of negative types ({', '.join(NEGATIVE_TYPES)}) to weights >= 0"))
+    max_eval_pairs: int = fld(0, "Validation pairs for the trainer's periodic evaluation; 0: none.",
+                              check=(non_negative, "an integer >= 0"))
+    max_test_items: int = fld(0, "Test items whose pairs measure the held-out accuracy (seeded subset, each "
+                              "item's reference scored once for all its negatives); 0: all.",
+                              check=(non_negative, "an integer >= 0"))
+    max_length: int = fld(256, "Tokens per scored sequence (question + answer); the answer is cut to fit.",
+                          check=(positive, "an integer > 0"))
+    max_prompt_tokens: int = fld(96, "Tokens of the question kept (its end, where the question is).",
+                                 check=(positive, "an integer > 0"))
+    keep_layers: int = fld(0, "Build the reward model on the first N transformer layers of the base only "
+                           "(shallower: faster to train and to score); 0: all layers.",
+                           check=(non_negative, "an integer >= 0"))
+    lora_layers: int = fld(0, "Put LoRA on the top N (kept) layers only: the backward pass stops at the lowest "
+                           "trainable layer; 0: every layer.", check=(non_negative, "an integer >= 0"))
+    center_rewards_coefficient: float = fld(0.01, "Pull the mean reward towards 0 (TRL's auxiliary loss), so "
+                                            "scores stay in a stable range.", check=(non_negative, "a number >= 0"))
+    score_batch_size: int = fld(16, "Sequences per reward-model forward pass when scoring.",
+                                check=(positive, "an integer > 0"))
+    sample_model: str = fld("", "Model whose sampled answers are 'sampled' negatives (base, sft, a folder); "
+                            "empty: none.")
+    sample_items: int = fld(200, "Train items to sample answers for (test items: in proportion, at least 50).",
+                            check=(non_negative, "an integer >= 0"))
+    sample_max_new_tokens: int = fld(128, "Tokens per sampled answer.", check=(positive, "an integer > 0"))
+    input: str = fld("", "score: JSONL file to score (question, reference, completion; optional task, label).")
+    output: str = fld("", "score: where the scored JSONL goes (default: next to the input, *.scored.jsonl); "
+                      "audit: JSON file for the table (optional).")
+    audit_items: int = fld(100, "audit: test items to attack (seeded sample).", check=(positive, "an integer > 0"))
+    terms_top: int = fld(60, "terms: frequent phrases to list that the lexicon lacks.",
+                         check=(positive, "an integer > 0"))
+    system_prompt_file: str = fld("data/system_prompt.txt", "audit: the system prompt the 'echo the system "
+                                  "prompt' attack repeats.")
+    run_dir: str = fld("runs/reward", "Checkpoints and TensorBoard logs of the run.")
+    output_dir: str = fld("", "The finished reward model; empty: models/reward (under $ECG_MODELS_DIR when set).")
+
+    def __post_init__(self):
+        TrainConfig.__post_init__(self)
+        RewardMix.__post_init__(self)
+        if self.merge:
+            raise ValueError("merge: the reward model is merged when it is loaded; expected merge: false")
+        if self.max_prompt_tokens >= self.max_length:
+            raise ValueError(f"max_prompt_tokens {self.max_prompt_tokens} leaves no room for the answer in "
+                             f"max_length {self.max_length}; expected max_prompt_tokens < max_length")
+        if self.keep_layers and self.lora_layers > self.keep_layers:
+            raise ValueError(f"lora_layers {self.lora_layers} > keep_layers {self.keep_layers}; expected at most "
+                             "the kept layers")
+        if "sampled" in self.negatives and not self.sample_model:
+            raise ValueError("negatives has 'sampled' but sample_model is empty; set sample_model (e.g. sft)")
+
+
+def output_dir(cfg: RewardModelConfig) -> Path:
+    from utils.models.resolve import models_root
+
+    return Path(cfg.output_dir) if cfg.output_dir else models_root() / "reward"
+
+
+def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int) -> dict[str, str]:
+    """Answers sampled from ``cfg.sample_model`` for a seeded subset of ``n`` rows, keyed by row id.
+    Answers too close to their reference (ROUGE-L >= 0.6) are dropped: they are not worse."""
+    if n <= 0 or not rows:
+        return {}
+    from utils.models.generation import generate, load_for_generation
+    from utils.rewards.rules import parse, rouge_l
+
+    pick = random.Random(seed).sample(rows, min(n, len(rows)))
+    model, tok = load_for_generation(cfg.sample_model, cfg.base_model)
+    texts = generate(model, tok, [r["prompt"] for r in pick], max_new_tokens=cfg.sample_max_new_tokens,
+                     batch_size=cfg.score_batch_size, do_sample=True, temperature=1.0, top_p=0.95, seed=seed,
+                     progress=True)
+    out = {}
+    for r, t in zip(pick, texts):
+        a = parse(t, cfg.answer_format).answer
+        if a and rouge_l(a, r["reference"]) < 0.6:
+            out[r["id"]] = a
+    log.info("sampled %d usable negative answers from %s", len(out), cfg.sample_model)
+    return out
+
+
+
+def _lora_targets(cfg: RewardModelConfig):
+    if cfg.lora_target_modules != ["all-linear"]:
+        return list(cfg.lora_target_modules)
+    # PEFT takes 'all-linear' only without a layer selection; these are every linear layer of a Llama block.
+    return "all-linear" if not cfg.lora_layers else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"]
+
+
+def peft_config(cfg: RewardModelConfig, n_layers: int):
+    if cfg.adapter != "lora":
+        return None
+    from peft import LoraConfig
+
+    layers = list(range(n_layers - cfg.lora_layers, n_layers)) if cfg.lora_layers else None
+    return LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=_lora_targets(cfg), layers_to_transform=layers, bias="none")
+
+
+def load_train_seqcls(cfg: RewardModelConfig, tok):
+    from utils.models.loading import pick_dtype
+    from utils.models.resolve import adapter_base, resolve_model
+    from utils.training.config import precision_flags, quantization_config
+
+    _, _, dtype = precision_flags(cfg)
+    bnb = quantization_config(cfg)
+    device_map = None
+    if bnb is not None:
+        from accelerate import PartialState
+
+        device_map = {"": PartialState().local_process_index}
+    path = resolve_model(cfg.base_model)
+    base = adapter_base(path)
+    if base is not None:  # e.g. base_model: sft; the SFT adapter is merged first
+        from peft import PeftModel
+
+        model = load_seqcls(resolve_model(base), pick_dtype(dtype), cfg.keep_layers)
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    else:
+        model = load_seqcls(path, pick_dtype(dtype), cfg.keep_layers, bnb, device_map)
+    if bnb is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.use_cache = False
+    return model
+
+
+# ============================================================================= pairwise accuracy
+def pairwise_accuracy(pairs: list[dict], chosen: list[float], rejected: list[float]) -> dict:
+    """Share of pairs whose chosen answer outscores the rejected one (ties count half), overall and
+    per negative type, with the pair counts."""
+    by: dict[str, list[float]] = defaultdict(list)
+    for p, c, r in zip(pairs, chosen, rejected):
+        win = 1.0 if c > r else 0.5 if c == r else 0.0
+        by[p["type"]].append(win)
+        by["overall"].append(win)
+    return {t: {"accuracy": round(sum(v) / len(v), 4), "pairs": len(v)} for t, v in sorted(by.items())}
+
+
+def score_pairs(scorer: RewardScorer, pairs: list[dict]) -> tuple[list[float], list[float]]:
+    """Reward-model scores of the chosen and rejected answers; each distinct (question, answer) once."""
+    texts = list(dict.fromkeys([(p["user"], p["chosen"]) for p in pairs] + [(p["user"], p["rejected"]) for p in pairs]))
+    vals = dict(zip(texts, scorer.scores([u for u, _ in texts], [a for _, a in texts])))
+    return [vals[(p["user"], p["chosen"])] for p in pairs], [vals[(p["user"], p["rejected"])] for p in pairs]
+
+
+# ============================================================================= training
+def model_card(cfg: RewardModelConfig, metrics: dict) -> str:
+    test = metrics.get("test_accuracy", {})
+    lines = [f"# ECG-GRPO reward model ({cfg.base_model})", "",
+             f"A Bradley-Terry reward model: `{cfg.base_model}` with a one-logit sequence-classification head, "
+             "trained with TRL's RewardTrainer (LoRA) on ECG-Expert-QA preference pairs. The chosen answer is "
+             "always the reference; the rejected one is a hard negative built from it (see "
+             "utils/reward_model.py). Made by `reward_model.py`.", "",
+             "## Use", "",
+             "As the `reward_model` reward of a mix (utils/rewards.py): it gives "
+             "`sigmoid(r(question, answer) - r(question, reference))`.", "",
+             "```python", "from utils.reward_model import get_scorer",
+             f"get_scorer('{output_dir(cfg)}').scores(['Is a PR interval of 240 ms normal?'], ['No, it is long.'])",
+             "```", "",
+             "## Held-out pairwise accuracy (test split)", "",
+             "Share of test pairs whose reference outscores the hard negative (pairs built from the test split "
+             "only; the rule rewards compare with the reference, so only the trained model is measured here).", "",
+             "| negative type | pairs | accuracy |", "| --- | ---: | ---: |"]
+    for t, d in test.items():
+        lines.append(f"| {t} | {d['pairs']} | {d['accuracy']:.3f} |")
+    train = metrics.get("train", {})
+    lines += ["", "## Training", "",
+              f"- pairs: {metrics.get('train_pairs')} train ({metrics.get('train_pair_types')}), "
+              f"{metrics.get('eval_pairs')} validation",
+              f"- adapter: LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha} on "
+              f"{'the top ' + str(cfg.lora_layers) if cfg.lora_layers else 'all'} layers; "
+              f"layers kept: {cfg.keep_layers or 'all'} of the base's; max_length {cfg.max_length}",
+              f"- {metrics.get('global_step')} steps of {cfg.batch_size} pairs, learning rate {cfg.learning_rate}",
+              f"- runtime: {round(train.get('train_runtime', 0))} s training, {metrics.get('test_seconds')} s test "
+              "scoring", "",
+              "Files: the adapter and score head, the tokenizer, `train_config.yaml`, `metrics.json`.", "",
+              "## Limitations", "",
+              "It learns what separates references from synthetic negatives; it has never seen a fluent wrong "
+              "answer of another kind, so use it with the rule rewards, not alone. Educational use only: not "
+              "medical advice. ECG-Expert-QA states no license.", ""]
+    return "\n".join(lines)
+
+
+def _pairs_dataset(tok, pairs: list[dict], cfg: RewardModelConfig):
+    from datasets import Dataset
+
+    cache: dict[tuple[str, str], list[int]] = {}
+
+    def ids(u, a):
+        if (u, a) not in cache:
+            cache[(u, a)] = encode(tok, u, a, cfg.max_length, cfg.max_prompt_tokens)
+        return cache[(u, a)]
+
+    rows = []
+    for p in pairs:
+        c, r = ids(p["user"], p["chosen"]), ids(p["user"], p["rejected"])
+        rows.append({"chosen_ids": c, "rejected_ids": r, "length": max(len(c), len(r))})
+    return Dataset.from_list(rows)
+
+
+def train_reward_model(cfg: RewardModelConfig) -> dict:
+    """Build the pairs, train, measure held-out accuracy, save models/reward; return the metrics."""
+    from trl import RewardTrainer
+
+    from utils.training.config import configure_threads, gradient_accumulation, load_train_tokenizer, trl_args
+    from utils.training.run import resume_checkpoint, save_final, training_metrics
+
+    out = output_dir(cfg)
+    gradient_accumulation(cfg)
+    configure_threads(cfg)
+    started = time.time()
+    train_rows, val_rows, test_rows = (read_split(cfg.data_dir, s) for s in ("grpo/train", "grpo/validation", "eval/test"))
+    test_rows = subsample(test_rows, cfg.max_test_items, cfg.seed)
+    sampled_train = sampled_test = None
+    if "sampled" in cfg.negatives:
+        sampled_train = sample_answers(cfg, train_rows, cfg.sample_items, cfg.seed)
+        # in proportion to the train share, but at least 50 items: fewer pairs make a noisy accuracy
+        n_test = max(min(50, len(test_rows)), round(cfg.sample_items * len(test_rows) / max(1, len(train_rows))))
+        sampled_test = sample_answers(cfg, test_rows, n_test, cfg.seed + 1)
+    train_pairs = balanced_subsample(build_pairs(train_rows, cfg.negatives, cfg.seed, sampled_train, cfg.term_lexicon),
+                                     cfg.max_train_pairs, cfg.seed, cfg.negative_weights)
+    eval_pairs = subsample(build_pairs(val_rows, cfg.negatives, cfg.seed + 1, None, cfg.term_lexicon),
+                           cfg.max_eval_pairs, cfg.seed) if cfg.max_eval_pairs else []
+    test_pairs = build_pairs(test_rows, cfg.negatives, cfg.seed + 2, sampled_test, cfg.term_lexicon)
+    if not train_pairs:
+        raise DataError(f"{cfg.data_dir}: no preference pairs could be built (negatives: {', '.join(cfg.negatives)})")
+    types = dict(Counter(p["type"] for p in train_pairs))
+    log.info("pairs: %d train %s, %d validation, %d test (%.0fs to build)", len(train_pairs), types,
+             len(eval_pairs), len(test_pairs), time.time() - started)
+
+    tok = load_train_tokenizer(cfg, cfg.base_model)
+    model = load_train_seqcls(cfg, tok)
+    ckpt = resume_checkpoint(cfg)
+    # Batches of similar lengths: a batch pads to its longest sequence, and answers range from one
+    # sentence to a paragraph, so random batches spend ~40% of their compute on padding. The collator
+    # ignores the "length" column, which therefore may stay in the dataset.
+    args = trl_args(cfg, cfg.run_name or f"reward-{time.strftime('%Y%m%d-%H%M%S')}", max_length=None,
+                    center_rewards_coefficient=cfg.center_rewards_coefficient or None,
+                    train_sampling_strategy="group_by_length", length_column_name="length",
+                    remove_unused_columns=False,
+                    eval_on_start=cfg.eval_on_start and bool(eval_pairs) and ckpt is None)
+    if not eval_pairs:
+        args.eval_strategy = "no"
+    trainer = RewardTrainer(model=model, args=args, processing_class=tok,
+                            train_dataset=_pairs_dataset(tok, train_pairs, cfg),
+                            eval_dataset=_pairs_dataset(tok, eval_pairs, cfg) if eval_pairs else None,
+                            peft_config=peft_config(cfg, model.config.num_hidden_layers))
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    log.info("training %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    trainer.train(resume_from_checkpoint=ckpt)
+
+    t0 = time.time()
+    scorer = RewardScorer(trainer.model, tok, cfg.max_length, cfg.max_prompt_tokens, cfg.score_batch_size)
+    chosen, rejected = score_pairs(scorer, test_pairs)
+    test_acc = pairwise_accuracy(test_pairs, chosen, rejected)
+    test_seconds = round(time.time() - t0, 1)
+    log.info("held-out pairwise accuracy: %s", ", ".join(f"{t} {d['accuracy']:.3f}" for t, d in test_acc.items()))
+    metrics = training_metrics(trainer, {
+        "resumed_from": ckpt, "train_pairs": len(train_pairs), "train_pair_types": types,
+        "eval_pairs": len(eval_pairs), "test_items": len(test_rows), "test_pairs": len(test_pairs),
+        "test_accuracy": test_acc,
+        "test_seconds": test_seconds, "total_seconds": round(time.time() - started, 1)})
+    for name in ("accuracy", "margin"):
+        vals = [h[f"eval_{name}"] for h in trainer.state.log_history if f"eval_{name}" in h]
+        if vals:
+            metrics[f"eval_{name}"] = vals
+    cfg_out = cfg if cfg.output_dir else _with_output(cfg, out)
+    save_final(trainer.model, tok, cfg_out, metrics, model_card(cfg_out, metrics))
+    return metrics
+
+
+def _with_output(cfg: RewardModelConfig, out: Path) -> RewardModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, output_dir=str(out))
