@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-# CPU wheel here; on a CUDA machine e.g.: make setup TORCH_SPEC=torch==2.6.0 TORCH_INDEX=https://download.pytorch.org/whl/cu124
+# CPU wheel here; on a CUDA machine, the CUDA build of the same torch, e.g.: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_INDEX ?=
 RECIPE ?= cpu
 RAW_DIR ?=

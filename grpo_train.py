@@ -11,7 +11,7 @@ Usage:
     torchrun --nproc_per_node 2 grpo_train.py --config configs/cpu/grpo.yaml  # two CPU processes (gloo)
 
 Samples num_generations completions per prompt of data/processed/grpo/train.jsonl, scores them with the
-reward mix of the config (utils/rewards.py) and trains the policy (models/sft by default) with TRL's
+reward mix of the config (utils/rewards/) and trains the policy (models/sft by default) with TRL's
 GRPOTrainer. Every eval_steps it scores greedy answers to fixed validation prompts (the held-out reward).
 Checkpoints, TensorBoard logs (`tensorboard --logdir runs/grpo`), held-out answers and sample completions
 go to runs/grpo/; the finished policy to models/rlhf/: adapter, tokenizer, train_config.yaml,

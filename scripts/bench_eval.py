@@ -20,6 +20,7 @@ import time
 from utils.core.cli import guarded, setup_logging
 from utils.core.config import load_config
 from utils.core.runtime import configure_process
+from utils.models.loading import load_for_inference
 
 
 def main(argv=None) -> int:
@@ -59,7 +60,7 @@ def bench(args) -> int:
     print(f"greedy={not cfg.do_sample}, max_new_tokens={cfg.max_new_tokens}, dtype={cfg.dtype}, "
           f"torch threads={torch.get_num_threads()}, device={'cuda' if torch.cuda.is_available() else 'cpu'}")
     t0 = time.time()
-    model, tok = generation.load_for_generation(spec.path, cfg.base_model, dtype=cfg.dtype)
+    model, tok = load_for_inference(spec.path, cfg.base_model, dtype=cfg.dtype)
     print(f"load: {time.time() - t0:.1f} s")
     answers, best = None, 0.0
     print(f"{'batch':>5}  {'answers':>7}  {'seconds':>7}  {'answers/s':>9}  {'tokens/s':>8}  {'tokens/answer':>13}")

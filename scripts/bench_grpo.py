@@ -13,7 +13,7 @@ Each side runs in its own process (so that each has its own peak memory) on the 
 with the same LoRA adapter), the same prompts in the same order, the same number of generations, the same
 completion length and the same rewards:
 
-* ours: the trainer grpo_train.py builds from the config (utils.grpo.build_trainer), held-out reward and
+* ours: the trainer grpo_train.py builds from the config (utils.training.grpo.run.build_trainer), held-out reward and
   sample logging off, with grpo_train.py's process tuning (utils.core.runtime);
 * plain: ``trl.GRPOTrainer`` with GRPOConfig's defaults for everything else (per-device batch 8, no
   gradient accumulation, gradient checkpointing, bf16 autocast, TRL's generate).
@@ -172,11 +172,10 @@ def build_side(side: str, cfg, plain_over: list[str] = ()):
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
-    from utils.training.config import load_train_tokenizer
     from utils.training.grpo.policy import load_policy
 
     funcs, weights = cfg.build()
-    model, peft_config, _ = load_policy(cfg)
+    model, tok, peft_config, _ = load_policy(cfg)
     model.config.use_cache = True  # as from_pretrained leaves it
     args = GRPOConfig(output_dir=cfg.run_dir, use_cpu=not torch.cuda.is_available(), seed=cfg.seed,
                       num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
@@ -184,7 +183,7 @@ def build_side(side: str, cfg, plain_over: list[str] = ()):
                       save_strategy="no", disable_tqdm=True,
                       **{k: _yaml_value(v) for k, _, v in (kv.partition("=") for kv in plain_over)})
     return GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=to_dataset(rows),
-                       processing_class=load_train_tokenizer(cfg, cfg.policy), peft_config=peft_config)
+                       processing_class=tok, peft_config=peft_config)
 
 
 def worker(args) -> dict:

@@ -55,7 +55,8 @@ def summarize(greedy: list[float], groups: list[list[float]]) -> dict:
 def probe(args) -> None:
     import torch
 
-    from utils.models.generation import generate, load_for_generation
+    from utils.models.generation import generate
+    from utils.models.loading import load_for_inference
     from utils.training.grpo.config import GRPOTrainConfig, heldout_rows
 
     over = {"heldout_prompts": args.prompts}
@@ -70,7 +71,7 @@ def probe(args) -> None:
     rows = heldout_rows(cfg)
     if not rows:
         raise UserError(f"--prompts {args.prompts}: expected at least 1 held-out prompt")
-    model, tok = load_for_generation(cfg.policy, cfg.base_model)
+    model, tok = load_for_inference(cfg.policy, cfg.base_model)
     prompts, n = [r["prompt"] for r in rows], cfg.num_generations
     t0 = time.time()
     greedy_answers = generate(model, tok, prompts, max_new_tokens=cfg.max_completion_length,

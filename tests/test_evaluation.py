@@ -251,7 +251,7 @@ def test_missing_input_and_test_file(tmp_path, fake_model, capsys):
 
 # ============================================================================= the pipeline on the tiny model
 class CountingGenerate:
-    """Wraps utils.generation.generate: counts prompts, and can fail on the n-th call (an interruption)."""
+    """Wraps utils.models.generation.generate: counts prompts, and can fail on the n-th call (an interruption)."""
 
     def __init__(self, monkeypatch, fail_on_call: int | None = None):
         from utils.models import generation

@@ -1,9 +1,10 @@
-"""utils/generation.py: prompts in the answer format, batched left-padded generation."""
+"""utils/models/generation.py and data/formats.py: prompts in the answer format, batched left-padded generation."""
 
 import pytest
 
 from utils.data.formats import FORMAT_INSTRUCTIONS, with_format_instructions
-from utils.models.generation import generate, load_for_generation, stop_token_ids
+from utils.models.generation import generate, stop_token_ids
+from utils.models.loading import load_for_inference
 
 SYSTEM = {"role": "system", "content": "You are a careful ECG assistant."}
 
@@ -24,7 +25,7 @@ def tiny(tiny_llama):
     (with the small initialisation it repeats one token whatever the prompt)."""
     import torch
 
-    model, tok = load_for_generation(str(tiny_llama), dtype="float32")
+    model, tok = load_for_inference(str(tiny_llama), dtype="float32")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, w in model.named_parameters():

@@ -160,7 +160,7 @@ def test_bad_prompt_rows_and_format_mismatch(tmp_path, processed, tiny_llama, ca
     (bad / "grpo").mkdir(parents=True)
     (bad / "grpo/train.jsonl").write_text(json.dumps({"id": "x", "reference": "Yes."}) + "\n")
     code, err = run_cli(["--config", str(tiny_config(tmp_path, tiny_llama, bad))], capsys)
-    assert code == 2 and "grpo/train.jsonl: row 1 has no valid 'prompt' list" in err
+    assert code == 2 and "grpo/train.jsonl: line 1: no valid 'prompt' list; expected 'prompt': [{role, content}" in err
 
     make_sft_adapter(tiny_llama, tmp_path / "models/sft", answer_format="reasoning")
     code, err = run_cli(["--config", str(tiny_config(tmp_path, tiny_llama, processed, policy="sft"))], capsys)
@@ -318,7 +318,7 @@ def test_tiny_grpo_run_through_the_command_line(tmp_path, processed, tiny_llama)
     """From an SFT adapter: trains it further, logs what the issue asks, saves a loadable adapter on the base."""
     from safetensors.torch import load_file
 
-    from utils.models.loading import load_causal_lm
+    from utils.models.loading import load_model
     from utils.models.resolve import adapter_base, is_complete
 
     sft = make_sft_adapter(tiny_llama, tmp_path / "models/sft")
@@ -335,7 +335,7 @@ def test_tiny_grpo_run_through_the_command_line(tmp_path, processed, tiny_llama)
     trained, start = load_file(out / "adapter_model.safetensors"), load_file(sft / "adapter_model.safetensors")
     assert trained.keys() == start.keys()
     assert any(not (trained[k] == start[k]).all() for k in trained)
-    load_causal_lm(str(out))
+    load_model(str(out))
 
     m = metrics_of(tmp_path)
     assert m["global_step"] == 2 and m["resumed_from"] is None and m["num_processes"] == 1

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import ROOT
 from utils.core.artifacts import DONE_MARKER, atomic_save
-from utils.models.loading import load_causal_lm, load_tokenizer
+from utils.models.loading import load_model, load_tokenizer
 from utils.models.resolve import ModelNotFound, adapter_base, is_complete, resolve_model
 from utils.models.tiny import build_tiny_llama
 
@@ -68,7 +68,7 @@ def test_tiny_llama_is_the_llama_recipe(tiny_llama):
                                    tokenize=False, add_generation_prompt=True)
     assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
     assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    model = load_causal_lm(str(tiny_llama), dtype="float32")
+    model = load_model(str(tiny_llama), dtype="float32")
     ids = tok("The QRS complex", return_tensors="pt")
     assert model(**ids).logits.shape[-1] == 128256
     assert adapter_base(str(tiny_llama)) is None
@@ -107,9 +107,9 @@ def test_build_tiny_llama_is_cached(tiny_llama):
 @pytest.mark.slow
 def test_smollm2_converts_once_and_generates(models_dir):
     """The built-in base: GGUF -> safetensors under models/base, once; a half-written folder is redone."""
-    code = ("from utils.models import resolve_model, load_tokenizer, load_causal_lm;"
+    code = ("from utils.models.resolve import resolve_model; from utils.models.loading import load_tokenizer, load_model;"
             "p = resolve_model('smollm2-135m-instruct'); tok = load_tokenizer(p);"
-            "m = load_causal_lm(p, dtype='bfloat16');"
+            "m = load_model(p, dtype='bfloat16');"
             "ids = tok.apply_chat_template([{'role': 'user', 'content': 'What is an ECG?'}],"
             " add_generation_prompt=True, return_tensors='pt', return_dict=True);"
             "out = m.generate(**ids, max_new_tokens=8, do_sample=False);"
@@ -125,7 +125,7 @@ def test_smollm2_converts_once_and_generates(models_dir):
     # Remove the marker: the folder no longer counts and is converted again.
     (folder / DONE_MARKER).unlink()
     mtime = (folder / "model.safetensors").stat().st_mtime
-    r = subprocess.run([sys.executable, "-c", "from utils.models import resolve_model; resolve_model('smollm2-135m-instruct')"],
+    r = subprocess.run([sys.executable, "-c", "from utils.models.resolve import resolve_model; resolve_model('smollm2-135m-instruct')"],
                        cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (folder / DONE_MARKER).is_file() and (folder / "model.safetensors").stat().st_mtime > mtime

@@ -1,4 +1,4 @@
-"""reward_model.py and utils/reward_model.py: hard negatives, leak-free pairs, the configs, the command
+"""reward_model.py, utils/rewards/negatives.py, utils/training/reward_model.py: hard negatives, leak-free pairs, the configs, the command
 line (help, score, audit), and a tiny reward model trained, used for scoring and audited end to end."""
 
 import json

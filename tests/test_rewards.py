@@ -1,4 +1,4 @@
-"""Rule-based rewards (utils/rewards.py): one table per reward, each case with its reason; the
+"""Rule-based rewards (utils/rewards/): one table per reward, each case with its reason; the
 registry, the mix and its total; and a property test that every reward stays finite and in range
 for any string at all."""
 

@@ -82,7 +82,7 @@ def tiny_smollm2(tmp_path_factory):
 
     gguf = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tok.pad_token = "<|endoftext|>"  # as utils.models.convert_smollm2 sets it
+    tok.pad_token = "<|endoftext|>"  # as utils.models.resolve.convert_smollm2 sets it
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -204,10 +204,11 @@ def test_cli_run_end_to_end(tmp_path, processed, tiny_llama, monkeypatch):
     assert "reasoning" in (out / "README.md").read_text() and (out / "train_config.yaml").is_file()
 
     from utils.data.formats import with_format_instructions
-    from utils.models.generation import generate, load_for_generation
+    from utils.models.generation import generate
+    from utils.models.loading import load_for_inference
 
     monkeypatch.setenv("ECG_MODELS_DIR", str(models))
-    model, tok = load_for_generation("sft")
+    model, tok = load_for_inference("sft")
     prompt = with_format_instructions([{"role": "user", "content": "Is a QRS of 140 ms wide?"}], "reasoning")
     (text,) = generate(model, tok, [prompt], max_new_tokens=4)
     assert isinstance(text, str)
@@ -241,9 +242,9 @@ def test_resume_after_sigkill_finishes_at_the_same_step(tmp_path, processed, tin
     assert "resuming from" in r.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["global_step"] == steps and metrics["resumed_from"].endswith(f"checkpoint-{max(done)}")
-    from utils.models.loading import load_causal_lm
+    from utils.models.loading import load_model
 
-    model = load_causal_lm(str(tmp_path / "out"), dtype="float32")
+    model = load_model(str(tmp_path / "out"), dtype="float32", adapter="keep")
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 

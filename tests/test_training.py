@@ -1,4 +1,4 @@
-"""utils/training.py: TRL arguments, PEFT/bitsandbytes settings, resume, the atomic final save."""
+"""utils/training/ (config.py, run.py): TRL arguments, PEFT/bitsandbytes settings, resume, the atomic final save."""
 
 import json
 from pathlib import Path
@@ -137,16 +137,16 @@ def test_resume_never_and_path(tmp_path):
 def _tiny_peft(tiny_llama):
     from peft import get_peft_model
 
-    from utils.models.loading import load_causal_lm, load_tokenizer
+    from utils.models.loading import load_model, load_tokenizer
 
     c = load_config(SFTTrainConfig, None, {"lora_r": 2, "lora_alpha": 4, "lora_target_modules": ["q_proj", "v_proj"]})
-    return get_peft_model(load_causal_lm(str(tiny_llama), dtype="float32"), lora_config(c)), load_tokenizer(str(tiny_llama))
+    return get_peft_model(load_model(str(tiny_llama), dtype="float32"), lora_config(c)), load_tokenizer(str(tiny_llama))
 
 
 def test_save_final_writes_a_complete_loadable_folder(tmp_path, tiny_llama):
     import torch
 
-    from utils.models.loading import load_causal_lm
+    from utils.models.loading import load_model
 
     model, tok = _tiny_peft(tiny_llama)
     with torch.no_grad():  # a non-zero adapter, so that merging changes the weights
@@ -162,9 +162,9 @@ def test_save_final_writes_a_complete_loadable_folder(tmp_path, tiny_llama):
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 3
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
-        adapted = load_causal_lm(str(out), dtype="float32")(ids).logits
-        merged = load_causal_lm(str(out / "merged"), dtype="float32")(ids).logits
-        base = load_causal_lm(str(tiny_llama), dtype="float32")(ids).logits
+        adapted = load_model(str(out), dtype="float32")(ids).logits
+        merged = load_model(str(out / "merged"), dtype="float32")(ids).logits
+        base = load_model(str(tiny_llama), dtype="float32")(ids).logits
     assert torch.allclose(adapted, merged, atol=1e-4) and not torch.allclose(adapted, base, atol=1e-4)
     assert not list(tmp_path.glob("out.tmp-*"))
 

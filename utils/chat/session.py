@@ -203,23 +203,14 @@ def load_for_chat(path: str, cfg: ChatConfig):
     """(model, tokenizer, device) for a resolved model path; adapters are merged for speed."""
     from transformers.utils import logging as hf_logging
 
-    from utils.models.loading import load_causal_lm, load_tokenizer
-    from utils.models.resolve import adapter_base
+    from utils.models.loading import load_for_inference
 
     hf_logging.disable_progress_bar()  # the weight-loading bar would land in the chat
     device = resolve_device(cfg.device)
     # pick_dtype's auto chooses by CUDA's presence, not by the device asked for.
     dtype = "float32" if cfg.dtype == "auto" and device == "cpu" else cfg.dtype
-    try:
-        tok = load_tokenizer(path, cfg.base_model)
-    except OSError as e:
-        base = adapter_base(path)
-        if base is None:
-            raise UserError(f"{path}: could not load the tokenizer ({str(e).splitlines()[0]})") from None
-        tok = load_tokenizer(base)  # an adapter saved without its tokenizer uses its base's
     log.info("loading %s on %s (%s)", path, device, dtype)
-    model = load_causal_lm(path, cfg.base_model, dtype=dtype, merge=True)
-    model.to(device).eval()
+    model, tok = load_for_inference(path, cfg.base_model, dtype=dtype, device=device)
     return model, tok, device
 
 

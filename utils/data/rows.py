@@ -24,6 +24,12 @@ SPLITS = {"sft/train": "sft", "sft/validation": "sft", "grpo/train": "prompt", "
           "eval/test": "prompt"}
 
 
+# What each row shape holds, for the one-line errors.
+SHAPES = {"sft": "'messages': [{role, content}, ...] with at least two turns, the assistant's answer last",
+          "prompt": "'prompt': [{role, content}, ...] with the user's question last, and 'id', 'task', 'question' "
+                    "and 'reference' texts"}
+
+
 class DataError(UserError):
     pass
 
@@ -80,7 +86,7 @@ def row_problem(row: dict, shape: str) -> str | None:
     """What is wrong with a row of the given shape (``sft`` or ``prompt``, see the module docstring), or None.
 
     >>> row_problem({"messages": [{"role": "user", "content": "Q"}, {"role": "user", "content": "Q2"}]}, "sft")
-    "'messages' ends with a 'user' message; expected the assistant's answer last"
+    "'messages' ends with a 'user' message"
     >>> row_problem({"id": "a", "task": "EBK", "prompt": [{"role": "user", "content": "Q"}], "question": "Q",
     ...              "reference": "A"}, "prompt") is None
     True
@@ -88,16 +94,16 @@ def row_problem(row: dict, shape: str) -> str | None:
     if shape == "sft":
         msgs = row.get("messages")
         if not _conversation(msgs) or len(msgs) < 2:
-            return "no valid 'messages' list (expected [{role, content}, ...] with at least a user turn and an answer)"
+            return "no valid 'messages' list"
         if msgs[-1]["role"] != "assistant":
-            return f"'messages' ends with a {msgs[-1]['role']!r} message; expected the assistant's answer last"
+            return f"'messages' ends with a {msgs[-1]['role']!r} message"
         return None
     if shape != "prompt":
         raise ValueError(f"unknown row shape {shape!r}; expected sft or prompt")
     if not _conversation(row.get("prompt")):
-        return "no valid 'prompt' list (expected [{role, content}, ...])"
+        return "no valid 'prompt' list"
     if row["prompt"][-1]["role"] != "user":
-        return f"the prompt ends with a {row['prompt'][-1]['role']!r} message; expected the user's question last"
+        return f"'prompt' ends with a {row['prompt'][-1]['role']!r} message"
     for key in ("id", "task", "question", "reference"):
         if not isinstance(row.get(key), str):
             return f"field '{key}' " + ("missing" if key not in row else f"is {type(row[key]).__name__}, not text")
@@ -110,7 +116,7 @@ def read_rows(path: str | Path, shape: str, hint: str = MISSING_HINT) -> list[di
     for line, row in read_jsonl_lines(path, hint):
         problem = row_problem(row, shape)
         if problem:
-            raise DataError(f"{path}: line {line}: {problem} ({shape} rows as prepare_data.py writes them)")
+            raise DataError(f"{path}: line {line}: {problem}; expected {SHAPES[shape]}, as prepare_data.py writes them")
         rows.append(row)
     return rows
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from utils.core.config import UserError
 from utils.evaluation.config import EvalConfig
+from utils.models.loading import load_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def generate_answers(spec: ModelSpec, rows: list[dict], cfg: EvalConfig) -> tupl
     run = GenerationRun(cached=len(rows) - len(todo))
     if todo:
         log.info("%s: generating %d answers (%d cached) -> %s", spec.name, len(todo), run.cached, cache.path)
-        model, tok = generation.load_for_generation(spec.path, cfg.base_model, dtype=cfg.dtype)
+        model, tok = load_for_inference(spec.path, cfg.base_model, dtype=cfg.dtype)
         if cfg.repetition_penalty != 1.0:
             # generate() takes no repetition_penalty; transformers reads it from the generation config
             model.generation_config.repetition_penalty = cfg.repetition_penalty

@@ -14,6 +14,7 @@ from pathlib import Path
 from utils.core.config import UserError
 from utils.evaluation.answers import _sha, model_fingerprint
 from utils.evaluation.config import JUDGE_RUBRIC, EvalConfig
+from utils.models.loading import load_for_inference
 
 # ============================================================================= judge
 _SCORE = re.compile(r"score\W{0,3}([1-5])\b", re.IGNORECASE)
@@ -118,7 +119,7 @@ class Judge:
         from utils.models import generation
 
         if self._model is None:
-            self._model = generation.load_for_generation(self.path, cfg.base_model, dtype=cfg.dtype)
+            self._model = load_for_inference(self.path, cfg.base_model, dtype=cfg.dtype)
         model, tok = self._model
         return generation.generate(model, tok, conversations, max_new_tokens=cfg.judge_max_new_tokens,
                                    batch_size=cfg.batch_size)

@@ -162,14 +162,10 @@ def reward_model_status(cfg: EvalConfig) -> tuple[str | None, str | None]:
     column is left out with a note rather than stopping a comparison of the models that do exist."""
     if not cfg.reward_model:
         return None, None
-    import importlib.util
-
     from utils.models.resolve import resolve_model
 
     try:
         resolve_model(cfg.reward_model, cfg.base_model)
     except UserError as e:
         return None, f"reward model column left out: {e}"
-    if importlib.util.find_spec("utils.reward_model") is None:
-        return None, "reward model column left out: utils/reward_model.py is not in this checkout"
     return cfg.reward_model, None

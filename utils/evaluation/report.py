@@ -502,7 +502,7 @@ def build_blocks(result: EvalResult, plots: dict[str, str], curves: list[tuple[s
                    [[m.label, m.help] for m in METRICS if m.name in result.metrics]))
     weights = ", ".join(f"{k} {v:g}" for k, v in cfg.rewards.items())
     b.append(Para(f"Reward mix (the 'reward (mix)' column, weighted mean of the rewards that apply): {weights}. "
-                  "The rewards come from utils/rewards.py, the code GRPO trains with."))
+                  "The rewards come from utils/rewards/, the code GRPO trains with."))
     if result.notes:
         b.append(Heading(2, "Notes"))
         b += [Para(n) for n in result.notes]

@@ -4,7 +4,7 @@ One call renders each prompt with the tokenizer's chat template (generation prom
 left so that every row's new tokens start at the same column, generates greedily or by sampling, and
 returns the decoded completions (the new text only, special tokens dropped), in the prompts' order::
 
-    model, tok = load_for_generation("sft")
+    model, tok = load_for_inference("sft")      # utils.models.loading
     answers = generate(model, tok, [row["prompt"] for row in rows], max_new_tokens=128, batch_size=16)
 
 Prompts are generated in batches of similar length (longest first) so that little compute goes to
@@ -112,20 +112,3 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     stats.seconds = time.time() - started
     last_stats = stats
     return results
-
-
-def load_for_generation(ref: str, base_model: str | None = None, dtype: str = "auto", merge: bool = True,
-                        device: str | None = None):
-    """Model and tokenizer ready for :func:`generate`: an adapter is merged into its base by default
-    (faster decoding), the model is in eval mode, on CUDA when there is one unless ``device`` says."""
-    import torch
-
-    from utils.models.loading import load_causal_lm, load_tokenizer
-    from utils.models.resolve import resolve_model
-
-    path = resolve_model(ref, base_model)
-    tok = load_tokenizer(path)
-    model = load_causal_lm(path, dtype=dtype, merge=merge)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    return model, tok

@@ -7,7 +7,6 @@ import logging
 import math
 
 from utils.core.config import UserError
-from utils.models.loading import load_seqcls
 from utils.rewards.rules import _answers, _column, _finite, _str
 
 
@@ -97,33 +96,17 @@ class RewardScorer:
 
     @classmethod
     def load(cls, ref: str, base_model: str | None = None, device: str | None = None) -> "RewardScorer":
-        import torch
-
         from utils.core.artifacts import read_train_config
-        from utils.models.loading import load_tokenizer, pick_dtype
-        from utils.models.resolve import ModelNotFound, adapter_base, resolve_model
+        from utils.models.loading import load_for_inference
+        from utils.models.resolve import resolve_model
 
         path = resolve_model(ref, base_model)
         meta = read_train_config(path) or {}
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = pick_dtype("auto")
-        tok = load_tokenizer(path)
-        base = adapter_base(path)
-        if base is None:
-            model = load_seqcls(path, dtype, meta.get("keep_layers", 0) or 0)
-        else:
-            from peft import PeftModel
-
-            try:
-                base_path = resolve_model(base)
-            except ModelNotFound:
-                # The adapter names its base by the folder it was trained on; on another machine the
-                # recipe's reference (e.g. smollm2-135m-instruct) finds the same model.
-                base_path = resolve_model(base_model or meta.get("base_model") or base)
-            model = load_seqcls(base_path, dtype, meta.get("keep_layers", 0) or 0)
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
-        model.config.pad_token_id = tok.pad_token_id
-        model.to(device).eval()
+        # An adapter names its base by the folder it was trained on; elsewhere the recipe's reference (e.g.
+        # smollm2-135m-instruct) finds the same model.
+        model, tok = load_for_inference(path, base_model or meta.get("base_model"), head="seqcls", device=device,
+                                        keep_layers=meta.get("keep_layers", 0) or 0)
+        device = str(next(model.parameters()).device)
         log.info("reward model %s loaded on %s", path, device)
         return cls(model, tok, meta.get("max_length", 256), meta.get("max_prompt_tokens", 96),
                    meta.get("score_batch_size", 16))

@@ -16,7 +16,6 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 from utils.core.config import UserError, fld, fraction, non_negative, positive
@@ -40,6 +39,7 @@ class TrainConfig:
     """Fields common to every training phase (see the module docstring)."""
 
     TRL_CONFIG: ClassVar[str] = "SFTConfig"  # the trl class whose fields trainer_extra may set
+    MODEL_FOLDER: ClassVar[str] = "train"  # models/<this> is the finished model when output_dir is empty
 
     # ---- model
     base_model: str = fld("smollm2-135m-instruct", "The recipe's base model: smollm2-135m-instruct, a folder or "
@@ -60,7 +60,7 @@ class TrainConfig:
     lora_target_modules: list[str] = fld(help="Module names that get LoRA weights, or [all-linear].",
                                          default_factory=lambda: ["all-linear"])
     # ---- answer format
-    answer_format: str = fld("plain", "Answer layout the model learns and is asked for (see utils/formats.py).",
+    answer_format: str = fld("plain", "Answer layout the model learns and is asked for (see utils/data/formats.py).",
                              choices=list(FORMATS))
     # ---- optimisation
     seed: int = fld(42, "Seed for adapter initialisation, data order and dropout.")
@@ -175,13 +175,6 @@ def precision_flags(cfg: TrainConfig) -> tuple[bool, bool, str]:
     return False, False, "float32"
 
 
-def configure_threads(cfg: TrainConfig) -> None:
-    if cfg.num_threads:
-        import torch
-
-        torch.set_num_threads(cfg.num_threads)
-
-
 # ============================================================================= PEFT, quantization, model
 def lora_config(cfg: TrainConfig):
     """The PEFT LoRA config of the recipe, or None for full fine-tuning."""
@@ -256,46 +249,20 @@ def trl_args(cfg: TrainConfig, run_name: str, **phase_args):
     return cls(**kwargs)
 
 
-def hub_hint(ref: str) -> str:
-    return (f"; {ref} is downloaded from the Hugging Face Hub on first use: check the name and the network, "
-            "accept the model's license and run `huggingface-cli login` for gated models (meta-llama), or set "
-            "base_model to a local folder")
-
-
-def load_train_tokenizer(cfg: TrainConfig, ref: str):
-    """The tokenizer of the model ``ref``, with a pad token; one line naming the model if it cannot load."""
-    from utils.models.loading import load_tokenizer
-    from utils.models.resolve import ModelNotFound, resolve_model
-
-    path = resolve_model(ref, cfg.base_model)
-    try:
-        return load_tokenizer(path)
-    except OSError as e:
-        hint = hub_hint(path) if not Path(path).exists() else ""
-        raise ModelNotFound(f"{ref}: could not load its tokenizer ({str(e).splitlines()[0]}){hint}") from None
-
-
-def load_train_model(cfg: TrainConfig, ref: str):
-    """The model to train, in the dtype :func:`precision_flags` picks; quantized and prepared for k-bit
-    training when the config asks (QLoRA). The LoRA adapter itself is added by the TRL trainer."""
-    from utils.models.loading import load_causal_lm
+def load_for_training(cfg: TrainConfig, ref: str, *, head: str = "causal", adapter: str = "merge",
+                      keep_layers: int = 0):
+    """``(model, tokenizer)`` to train, through the one loader (:func:`utils.models.loading.load_model`): in
+    the dtype :func:`precision_flags` picks, quantized and prepared for k-bit training when the config asks
+    (QLoRA). An adapter folder is merged into its base (the phase then trains a fresh adapter on top)
+    unless ``adapter="train"`` (that adapter is trained further). The config's own fresh LoRA adapter is
+    added by the TRL trainer."""
+    from utils.models.loading import load_model, load_tokenizer
 
     _, _, dtype = precision_flags(cfg)
-    bnb = quantization_config(cfg)
-    device_map = None
-    if bnb is not None:
-        # A quantized model cannot be moved after loading: put each process's copy on its own GPU.
-        from accelerate import PartialState
-
-        device_map = {"": PartialState().local_process_index}
-    # An adapter folder (e.g. GRPO starting from models/sft) is merged into its base: the phase then
-    # trains a fresh adapter on top of the merged weights.
-    model = load_causal_lm(ref, cfg.base_model, dtype=dtype, merge=True, device_map=device_map,
-                           quantization_config=bnb)
-    if bnb is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    # The KV cache only serves generation; during training it costs memory and warns with checkpointing.
-    model.config.use_cache = False
-    return model
+    tok = load_tokenizer(ref, cfg.base_model)
+    model = load_model(ref, cfg.base_model, head=head, dtype=dtype, adapter=adapter,
+                       quantization=quantization_config(cfg), keep_layers=keep_layers, for_training=True,
+                       gradient_checkpointing=cfg.gradient_checkpointing)
+    if head == "seqcls":
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok

@@ -9,16 +9,16 @@ import random
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 from utils.core.config import fld, non_negative, positive
+from utils.core.runtime import set_threads
 from utils.data.rows import DataError, read_split
-from utils.models.loading import load_seqcls
 from utils.rewards.mix import RewardMix
 from utils.rewards.negatives import NEGATIVE_TYPES, balanced_subsample, build_pairs, subsample
 from utils.rewards.reward_model import RewardScorer, encode
 from utils.training.config import TrainConfig
+from utils.training.run import output_dir
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,15 @@ SUBCOMMANDS = ("train", "score", "audit", "terms")
 
 @dataclass
 class RewardModelConfig(TrainConfig, RewardMix):
-    """reward_model.py's config: the common training fields (utils/training.py), the reward mix that
-    ``score`` and ``audit`` use (utils/rewards.py), and the pair, scoring and audit settings."""
+    """reward_model.py's config: the common training fields (utils/training/config.py), the reward mix that
+    ``score`` and ``audit`` use (utils/rewards/mix.py), and the pair, scoring and audit settings."""
 
     TRL_CONFIG: ClassVar[str] = "RewardConfig"
+    MODEL_FOLDER: ClassVar[str] = "reward"
 
     data_dir: str = fld("data/processed", "Folder written by prepare_data.py (grpo/train.jsonl, "
                         "grpo/validation.jsonl, eval/test.jsonl).")
-    negatives: list[str] = fld(help="Kinds of rejected answers to build pairs from (see utils/reward_model.py).",
+    negatives: list[str] = fld(help="Kinds of rejected answers to build pairs from (see utils/rewards/negatives.py).",
                                choices=NEGATIVE_TYPES,
                                default_factory=lambda: ["similar", "flip_yesno", "numbers", "truncate",
                                                         "contradiction"])
@@ -95,22 +96,17 @@ class RewardModelConfig(TrainConfig, RewardMix):
             raise ValueError("negatives has 'sampled' but sample_model is empty; set sample_model (e.g. sft)")
 
 
-def output_dir(cfg: RewardModelConfig) -> Path:
-    from utils.models.resolve import models_root
-
-    return Path(cfg.output_dir) if cfg.output_dir else models_root() / "reward"
-
-
 def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int) -> dict[str, str]:
     """Answers sampled from ``cfg.sample_model`` for a seeded subset of ``n`` rows, keyed by row id.
     Answers too close to their reference (ROUGE-L >= 0.6) are dropped: they are not worse."""
     if n <= 0 or not rows:
         return {}
-    from utils.models.generation import generate, load_for_generation
+    from utils.models.generation import generate
+    from utils.models.loading import load_for_inference
     from utils.rewards.rules import parse, rouge_l
 
     pick = random.Random(seed).sample(rows, min(n, len(rows)))
-    model, tok = load_for_generation(cfg.sample_model, cfg.base_model)
+    model, tok = load_for_inference(cfg.sample_model, cfg.base_model)
     texts = generate(model, tok, [r["prompt"] for r in pick], max_new_tokens=cfg.sample_max_new_tokens,
                      batch_size=cfg.score_batch_size, do_sample=True, temperature=1.0, top_p=0.95, seed=seed,
                      progress=True)
@@ -142,36 +138,6 @@ def peft_config(cfg: RewardModelConfig, n_layers: int):
                       target_modules=_lora_targets(cfg), layers_to_transform=layers, bias="none")
 
 
-def load_train_seqcls(cfg: RewardModelConfig, tok):
-    from utils.models.loading import pick_dtype
-    from utils.models.resolve import adapter_base, resolve_model
-    from utils.training.config import precision_flags, quantization_config
-
-    _, _, dtype = precision_flags(cfg)
-    bnb = quantization_config(cfg)
-    device_map = None
-    if bnb is not None:
-        from accelerate import PartialState
-
-        device_map = {"": PartialState().local_process_index}
-    path = resolve_model(cfg.base_model)
-    base = adapter_base(path)
-    if base is not None:  # e.g. base_model: sft; the SFT adapter is merged first
-        from peft import PeftModel
-
-        model = load_seqcls(resolve_model(base), pick_dtype(dtype), cfg.keep_layers)
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    else:
-        model = load_seqcls(path, pick_dtype(dtype), cfg.keep_layers, bnb, device_map)
-    if bnb is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    model.config.pad_token_id = tok.pad_token_id
-    model.config.use_cache = False
-    return model
-
-
 # ============================================================================= pairwise accuracy
 def pairwise_accuracy(pairs: list[dict], chosen: list[float], rejected: list[float]) -> dict:
     """Share of pairs whose chosen answer outscores the rejected one (ties count half), overall and
@@ -198,11 +164,11 @@ def model_card(cfg: RewardModelConfig, metrics: dict) -> str:
              f"A Bradley-Terry reward model: `{cfg.base_model}` with a one-logit sequence-classification head, "
              "trained with TRL's RewardTrainer (LoRA) on ECG-Expert-QA preference pairs. The chosen answer is "
              "always the reference; the rejected one is a hard negative built from it (see "
-             "utils/reward_model.py). Made by `reward_model.py`.", "",
+             "utils/rewards/negatives.py). Made by `reward_model.py`.", "",
              "## Use", "",
-             "As the `reward_model` reward of a mix (utils/rewards.py): it gives "
+             "As the `reward_model` reward of a mix (utils/rewards/mix.py): it gives "
              "`sigmoid(r(question, answer) - r(question, reference))`.", "",
-             "```python", "from utils.reward_model import get_scorer",
+             "```python", "from utils.rewards.reward_model import get_scorer",
              f"get_scorer('{output_dir(cfg)}').scores(['Is a PR interval of 240 ms normal?'], ['No, it is long.'])",
              "```", "",
              "## Held-out pairwise accuracy (test split)", "",
@@ -250,12 +216,11 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     """Build the pairs, train, measure held-out accuracy, save models/reward; return the metrics."""
     from trl import RewardTrainer
 
-    from utils.training.config import configure_threads, gradient_accumulation, load_train_tokenizer, trl_args
-    from utils.training.run import resume_checkpoint, save_final, training_metrics
+    from utils.training.config import gradient_accumulation, load_for_training, trl_args
+    from utils.training.run import finish_run, start_run, training_metrics, with_output_dir
 
-    out = output_dir(cfg)
     gradient_accumulation(cfg)
-    configure_threads(cfg)
+    set_threads(cfg.num_threads)
     started = time.time()
     train_rows, val_rows, test_rows = (read_split(cfg.data_dir, s) for s in ("grpo/train", "grpo/validation", "eval/test"))
     test_rows = subsample(test_rows, cfg.max_test_items, cfg.seed)
@@ -276,9 +241,9 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     log.info("pairs: %d train %s, %d validation, %d test (%.0fs to build)", len(train_pairs), types,
              len(eval_pairs), len(test_pairs), time.time() - started)
 
-    tok = load_train_tokenizer(cfg, cfg.base_model)
-    model = load_train_seqcls(cfg, tok)
-    ckpt = resume_checkpoint(cfg)
+    # base_model may be an adapter folder (e.g. sft): it is merged into its base before the fresh adapter.
+    model, tok = load_for_training(cfg, cfg.base_model, head="seqcls", keep_layers=cfg.keep_layers)
+    ckpt = start_run(cfg)
     # Batches of similar lengths: a batch pads to its longest sequence, and answers range from one
     # sentence to a paragraph, so random batches spend ~40% of their compute on padding. The collator
     # ignores the "length" column, which therefore may stay in the dataset.
@@ -313,12 +278,6 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
         vals = [h[f"eval_{name}"] for h in trainer.state.log_history if f"eval_{name}" in h]
         if vals:
             metrics[f"eval_{name}"] = vals
-    cfg_out = cfg if cfg.output_dir else _with_output(cfg, out)
-    save_final(trainer.model, tok, cfg_out, metrics, model_card(cfg_out, metrics))
+    cfg_out = with_output_dir(cfg)
+    finish_run(trainer, cfg_out, metrics, model_card(cfg_out, metrics))
     return metrics
-
-
-def _with_output(cfg: RewardModelConfig, out: Path) -> RewardModelConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, output_dir=str(out))

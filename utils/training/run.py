@@ -6,12 +6,14 @@ Checkpoints and TensorBoard logs live in the run folder (``runs/<phase>/``); the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import resource
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -35,7 +37,53 @@ def _fingerprint(cfg) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k not in RESUME_NEUTRAL}
 
 
-def resume_checkpoint(cfg: TrainConfig) -> str | None:
+def output_dir(cfg: TrainConfig) -> Path:
+    """The finished model's folder: ``cfg.output_dir``, or ``models/<MODEL_FOLDER>`` of the phase (under
+    ``$ECG_MODELS_DIR`` when set), where the next phase looks for it."""
+    from utils.models.resolve import models_root
+
+    return Path(cfg.output_dir) if cfg.output_dir else models_root() / cfg.MODEL_FOLDER
+
+
+def with_output_dir(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its output folder resolved, as the model card and ``train_config.yaml`` record it."""
+    return cfg if cfg.output_dir else dataclasses.replace(cfg, output_dir=str(output_dir(cfg)))
+
+
+def start_run(cfg: TrainConfig, on_start: Callable[[str | None], None] | None = None) -> str | None:
+    """Settle the run folder and return the checkpoint to resume from (:func:`resume_checkpoint`).
+
+    The main process goes first and alone writes (old checkpoints removed, ``run_config.yaml``, and
+    ``on_start(checkpoint)``, e.g. GRPO trimming its logs); the other processes of a distributed run then
+    read the folder it settled, so every process resumes from the same checkpoint."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.main_process_first():
+        ckpt = resume_checkpoint(cfg, write=state.is_main_process)
+        if on_start is not None and state.is_main_process:
+            on_start(ckpt)
+    return ckpt
+
+
+def finish_run(trainer, cfg: TrainConfig, metrics: dict, card: str, base_ref: str | None = None) -> Path | None:
+    """Save the finished model once, for every trainer and every launch: under DeepSpeed ZeRO-3 the
+    weights are first gathered from all processes in 16 bits (as the Trainer does when it saves), then the
+    main process alone writes and merges (:func:`save_final`) while the others wait. Returns the folder on
+    the main process, None elsewhere."""
+    acc = trainer.accelerator
+    state_dict = None
+    if getattr(acc.state, "deepspeed_plugin", None) is not None and acc.state.deepspeed_plugin.zero_stage == 3:
+        state_dict = acc.get_state_dict(trainer.model_wrapped)  # a collective: every process takes part
+    out = None
+    if acc.is_main_process:
+        out = save_final(acc.unwrap_model(trainer.model), trainer.processing_class, cfg, metrics, card, base_ref,
+                         state_dict=state_dict)
+    acc.wait_for_everyone()
+    return out
+
+
+def resume_checkpoint(cfg: TrainConfig, write: bool = True) -> str | None:
     """The checkpoint to continue from, per ``cfg.resume``, after preparing the run folder.
 
     * ``auto``: the last complete checkpoint when the run folder's config matches this one (apart from
@@ -45,6 +93,7 @@ def resume_checkpoint(cfg: TrainConfig) -> str | None:
 
     Starting afresh removes the run folder's old checkpoints, so that the Trainer's rotation never mixes
     two runs. The current config is written to the run folder for the next resumption to compare with.
+    With ``write=False`` (the other processes of a distributed run) nothing is removed or written.
     """
     run_dir = Path(cfg.run_dir)
     chosen: str | None = None
@@ -67,6 +116,8 @@ def resume_checkpoint(cfg: TrainConfig) -> str | None:
                 log.warning("%s: the checkpoints there were made with other settings (%s); starting afresh "
                             "(pass --resume %s to continue anyway)", run_dir, ", ".join(changed[:5]) or "unknown",
                             found[-1])
+    if not write:
+        return chosen
     if chosen is None:
         stale = [p for p in run_dir.glob("checkpoint-*") if p.is_dir()] if run_dir.is_dir() else []
         if stale:
@@ -104,15 +155,17 @@ def training_metrics(trainer, extra: dict | None = None) -> dict:
     return out
 
 
-def save_final(model, tokenizer, cfg: TrainConfig, metrics: dict, card: str, base_ref: str | None = None) -> Path:
+def save_final(model, tokenizer, cfg: TrainConfig, metrics: dict, card: str, base_ref: str | None = None,
+               state_dict: dict | None = None) -> Path:
     """Write ``cfg.output_dir``: weights (the adapter, or the full model), tokenizer, ``train_config.yaml``,
     ``metrics.json``, ``README.md``; with ``cfg.merge`` also ``merged/`` (the adapter merged into a fresh copy
     of its base, in the training dtype). Everything goes to a temporary sibling first and is renamed into
-    place with its completion marker, so a folder that looks finished is finished."""
+    place with its completion marker, so a folder that looks finished is finished. ``state_dict``: the
+    weights gathered from a sharded model (ZeRO-3), which ``model`` itself then holds only a shard of."""
     from utils.core.artifacts import atomic_save, mark_complete
 
     def write(tmp: Path):
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         dump_yaml(cfg, tmp / TRAIN_CONFIG)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
@@ -130,11 +183,13 @@ def save_final(model, tokenizer, cfg: TrainConfig, metrics: dict, card: str, bas
 
 def _merge_into_base(adapter_dir: Path, out: Path, base_ref: str, cfg: TrainConfig) -> None:
     """Merge a saved adapter into an unquantized copy of its base (a 4-bit base cannot hold the merge)."""
-    from peft import PeftModel
+    import json
 
-    from utils.models.loading import load_causal_lm
+    from utils.models.loading import load_model
 
     _, _, dtype = precision_flags(cfg)
-    base = load_causal_lm(base_ref, dtype="float32" if dtype == "float32" else "bfloat16")
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    task = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
+    merged = load_model(str(adapter_dir), base_ref, head="seqcls" if task == "SEQ_CLS" else "causal",
+                        dtype="float32" if dtype == "float32" else "bfloat16",
+                        keep_layers=getattr(cfg, "keep_layers", 0))
     merged.save_pretrained(out)

@@ -11,8 +11,8 @@ but it needs ``{% generation %}`` markers that SmolLM2's template lacks.)
 
 Answer format
 -------------
-The completion is laid out in ``answer_format`` (utils/formats.py), and the system prompt asks for
-that format (utils.generation.with_format_instructions), exactly as GRPO, evaluation and chat ask.
+The completion is laid out in ``answer_format`` (utils/data/formats.py), and the system prompt asks for
+that format (utils.data.formats.with_format_instructions), exactly as GRPO, evaluation and chat ask.
 ECG-Expert-QA holds no reasoning text, so for ``reasoning`` the ``<think>`` section is a *scaffold*,
 not clinical reasoning: one or two sentences, built from the prompt only (never from the reference),
 that name the kind of question and what the answer must hold (yes/no opening, a follow-up interval,
@@ -28,22 +28,28 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from utils.core.config import fld, non_negative, positive
+from utils.core.runtime import set_threads
 from utils.data.formats import render, with_format_instructions
 from utils.data.raw import TASKS
 from utils.data.rows import DataError, read_split
 from utils.data.text import is_yes_no_question
 from utils.training.config import (
     TrainConfig,
-    configure_threads,
     gradient_accumulation,
-    load_train_model,
-    load_train_tokenizer,
+    load_for_training,
     lora_config,
     trl_args,
 )
-from utils.training.run import resume_checkpoint, save_final, training_metrics
+from utils.training.run import (
+    finish_run,
+    output_dir,
+    start_run,
+    training_metrics,
+    with_output_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,8 @@ _CONTEXT_Q = "\n\nQuestion: "  # how utils.data.render_user joins a record and i
 @dataclass
 class SFTTrainConfig(TrainConfig):
     """sft_train.py's config: the common training fields plus the data and sequence settings."""
+
+    MODEL_FOLDER: ClassVar[str] = "sft"
 
     data_dir: str = fld("data/processed", "Folder written by prepare_data.py (reads sft/train.jsonl and "
                         "sft/validation.jsonl).")
@@ -130,10 +138,6 @@ def to_dataset(examples: list[dict]):
 
 
 # ============================================================================= the run
-def output_dir(cfg: SFTTrainConfig) -> Path:
-    from utils.models.resolve import models_root
-
-    return Path(cfg.output_dir) if cfg.output_dir else models_root() / "sft"
 
 
 def check_base_model(cfg: SFTTrainConfig) -> str:
@@ -152,9 +156,8 @@ def build_trainer(cfg: SFTTrainConfig, train_examples: list[dict], eval_examples
     """The TRL SFTTrainer for ``cfg`` on the given examples (LoRA adapter added, datasets tokenized)."""
     from trl import SFTTrainer
 
-    configure_threads(cfg)
-    tok = load_train_tokenizer(cfg, cfg.base_model)
-    model = load_train_model(cfg, cfg.base_model)
+    set_threads(cfg.num_threads)
+    model, tok = load_for_training(cfg, cfg.base_model)
     args = trl_args(cfg, cfg.run_name or f"sft-{time.strftime('%Y%m%d-%H%M%S')}",
                     max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=True,
                     eval_on_start=eval_on_start and eval_examples is not None)
@@ -177,13 +180,15 @@ def model_card(cfg: SFTTrainConfig, metrics: dict, n_train: int, n_eval: int) ->
         f"(tasks: {', '.join(cfg.tasks) if cfg.tasks else 'all in the SFT set'}), made by `sft_train.py`.", "",
         "## Use", "",
         "```python",
-        "from utils.generation import load_for_generation, generate, with_format_instructions",
-        f"model, tok = load_for_generation('{output_dir(cfg)}')",
+        "from utils.data.formats import with_format_instructions",
+        "from utils.models.generation import generate",
+        "from utils.models.loading import load_for_inference",
+        f"model, tok = load_for_inference('{output_dir(cfg)}')",
         f"generate(model, tok, [with_format_instructions(messages, '{cfg.answer_format}')])",
         "```", "",
-        f"Answer format: **{cfg.answer_format}** (utils/formats.py); the system prompt asks for it. "
+        f"Answer format: **{cfg.answer_format}** (utils/data/formats.py); the system prompt asks for it. "
         + ("The `<think>` section was trained on a scaffold that names the kind of question, not on clinical "
-           "reasoning (see utils/sft.py)." if cfg.answer_format == "reasoning" else ""), "",
+           "reasoning (see utils/training/sft.py)." if cfg.answer_format == "reasoning" else ""), "",
         "## Training", "",
         f"- examples: {n_train} train, {n_eval} validation (one per assistant turn; loss on the answer only)",
         f"- adapter: {lora}; quantization: {cfg.quantization}; precision: {cfg.precision}",
@@ -209,7 +214,7 @@ def run_sft(cfg: SFTTrainConfig) -> dict:
     check_base_model(cfg)
     log.info("SFT on %d examples (%d validation), answer format %s -> %s", len(train), len(val),
              cfg.answer_format, out)
-    ckpt = resume_checkpoint(cfg)
+    ckpt = start_run(cfg)
     trainer = build_trainer(cfg, train, val, eval_on_start=cfg.eval_on_start and ckpt is None)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
@@ -222,13 +227,6 @@ def run_sft(cfg: SFTTrainConfig) -> dict:
                                          "eval_examples": len(val), "answer_format": cfg.answer_format})
     if "eval_loss_first" in metrics:
         log.info("validation loss %.4f -> %.4f", metrics["eval_loss_first"], metrics["eval_loss_last"])
-    cfg_out = cfg if cfg.output_dir else _with_output(cfg, out)
-    save_final(trainer.model, trainer.processing_class, cfg_out, metrics,
-               model_card(cfg_out, metrics, len(train), len(val)))
+    cfg_out = with_output_dir(cfg)
+    finish_run(trainer, cfg_out, metrics, model_card(cfg_out, metrics, len(train), len(val)))
     return metrics
-
-
-def _with_output(cfg: SFTTrainConfig, out: Path) -> SFTTrainConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, output_dir=str(out))

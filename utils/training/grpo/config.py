@@ -1,4 +1,4 @@
-"""GRPO's config and its prompts.
+"""GRPO's config (the training fields plus sampling, loss, rewards and held-out evaluation) and its prompts.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class GRPOTrainConfig(TrainConfig, RewardMix):
     """grpo_train.py's config: the common training fields, the reward mix and the GRPO knobs."""
 
     TRL_CONFIG: ClassVar[str] = "GRPOConfig"
+    MODEL_FOLDER: ClassVar[str] = "rlhf"
 
     # ---- policy and data
     policy: str = fld("sft", "Where the policy starts: sft (models/sft), base (the recipe's base_model), a model "

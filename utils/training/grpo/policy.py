@@ -11,7 +11,7 @@ from pathlib import Path
 
 from utils.core.artifacts import read_train_config
 from utils.core.config import UserError
-from utils.training.config import has_cuda, load_train_model, lora_config, precision_flags, quantization_config
+from utils.training.config import has_cuda, load_for_training, lora_config
 from utils.training.grpo.config import GRPOTrainConfig
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,12 @@ def _zero3() -> bool:
 
 
 def load_policy(cfg: GRPOTrainConfig):
-    """``(model, peft_config, base_ref)``: the policy to train, the fresh LoRA config for TRL to add (None
-    when the policy's own adapter is trained further or for full fine-tuning), and the model an adapter
-    saved at the end applies to (what ``merge`` merges it into)."""
+    """``(model, tokenizer, peft_config, base_ref)``: the policy to train, its tokenizer, the fresh LoRA config
+    for TRL to add (None when the policy's own adapter is trained further, or for full fine-tuning), and the
+    model an adapter saved at the end applies to (what ``merge`` merges it into).
+
+    An adapter policy (models/sft) keeps training that adapter on its own base, so models/rlhf is again an
+    adapter on the base; a full model folder gets a fresh adapter."""
     from utils.models.resolve import adapter_base, resolve_model
 
     path = resolve_model(cfg.policy, cfg.base_model)
@@ -63,40 +66,18 @@ def load_policy(cfg: GRPOTrainConfig):
             raise UserError(f"beta {cfg.beta} with adapter: none and the adapter policy {path}: TRL would rebuild the "
                             "reference from the bare base; use adapter: lora, beta: 0, or a merged policy folder")
         log.info("policy %s%s", path, " (adapter merged into its base)" if base else "")
-        return load_train_model(cfg, path), lora_config(cfg), path
-    return _continue_adapter(cfg, path, base), None, base
-
-
-def _continue_adapter(cfg: GRPOTrainConfig, path: str, base: str):
-    """The policy's own LoRA adapter on its base, trainable: GRPO refines the SFT adapter, and the result is
-    an adapter on the same base as SFT's."""
-    from peft import PeftModel
-
-    from utils.models.loading import load_causal_lm
-
-    _, _, dtype = precision_flags(cfg)
-    bnb = quantization_config(cfg)
-    device_map = None
-    if bnb is not None:
-        from accelerate import PartialState
-
-        device_map = {"": PartialState().local_process_index}
-    model = load_causal_lm(base, dtype=dtype, device_map=device_map, quantization_config=bnb)
-    if bnb is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    model.config.use_cache = False
-    model = PeftModel.from_pretrained(model, path, is_trainable=True)
+        model, tok = load_for_training(cfg, path)
+        return model, tok, lora_config(cfg), path
+    model, tok = load_for_training(cfg, path, adapter="train")
     own = model.peft_config["default"]
     if (own.r, own.lora_alpha) != (cfg.lora_r, cfg.lora_alpha):
         log.info("training the policy's own adapter (r=%d, alpha=%d); lora_r/lora_alpha apply to fresh adapters only",
                  own.r, own.lora_alpha)
-    if _zero3() and bnb is None:
+    if _zero3() and cfg.quantization == "none":
         # ZeRO-3 gathers parameters in the dtype of the first one it meets: an fp32 adapter on a bf16 base breaks
         # it (TRL applies the same cast to the adapters it creates itself).
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(next(model.get_base_model().parameters()).dtype)
     log.info("policy %s: its adapter on %s, trained further", path, base)
-    return model
+    return model, tok, None, base

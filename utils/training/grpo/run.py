@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from utils.training.config import configure_threads, gradient_accumulation, load_train_tokenizer, trl_args
+from utils.core.runtime import set_threads
+from utils.training.config import gradient_accumulation, trl_args
 from utils.training.grpo.callbacks import (
     HELDOUT_LOG,
     SAMPLES_LOG,
@@ -24,17 +24,19 @@ from utils.training.grpo.callbacks import (
 )
 from utils.training.grpo.config import GRPOTrainConfig, heldout_rows, load_prompts, to_dataset
 from utils.training.grpo.policy import check_backends, load_policy, vllm_wanted
-from utils.training.grpo.trainer import _trainer_class
-from utils.training.run import resume_checkpoint, save_final, training_metrics
+from utils.training.grpo.trainer import set_fast_paths, trainer_class
+from utils.training.run import (
+    finish_run,
+    output_dir,
+    start_run,
+    training_metrics,
+    with_output_dir,
+)
 
 log = logging.getLogger(__name__)
 
 
 # ============================================================================= the run
-def output_dir(cfg: GRPOTrainConfig) -> Path:
-    from utils.models.resolve import models_root
-
-    return Path(cfg.output_dir) if cfg.output_dir else models_root() / "rlhf"
 
 
 def grpo_args(cfg: GRPOTrainConfig, reward_weights: list[float]):
@@ -72,16 +74,14 @@ def grpo_args(cfg: GRPOTrainConfig, reward_weights: list[float]):
 
 def build_trainer(cfg: GRPOTrainConfig, train_rows: list[dict], args=None):
     """The GRPO trainer for ``cfg`` on ``train_rows``, and the model an adapter of it applies to."""
-    configure_threads(cfg)
+    set_threads(cfg.num_threads)
     funcs, weights = cfg.build()
     args = args or grpo_args(cfg, weights)
-    tok = load_train_tokenizer(cfg, cfg.policy)
-    model, peft_config, base_ref = load_policy(cfg)
-    cls = _trainer_class()
+    model, tok, peft_config, base_ref = load_policy(cfg)
+    cls = trainer_class()
     trainer = cls(model=model, reward_funcs=funcs, args=args, train_dataset=to_dataset(train_rows),
                   processing_class=tok, peft_config=peft_config)
-    trainer.fast_generation = cfg.fast_generation
-    trainer.pack_groups = cfg.pack_groups
+    set_fast_paths(trainer, cfg.fast_generation, cfg.pack_groups)
     return trainer, base_ref
 
 
@@ -109,10 +109,7 @@ def run_grpo(cfg: GRPOTrainConfig) -> dict:
     heldout = heldout_rows(cfg)
     _, weights = cfg.build()
     args = grpo_args(cfg, weights)  # sets up the processes of a distributed run
-    with args.main_process_first(desc="run folder"):
-        ckpt = resume_checkpoint(cfg)
-        if args.process_index == 0:
-            _prepare_run_dir(cfg, ckpt)
+    ckpt = start_run(cfg, on_start=lambda c: _prepare_run_dir(cfg, c))
     log.info("generation: %s", f"vLLM ({cfg.vllm_mode})" if args.use_vllm else
              "transformers" + (" (merged adapter, shared prefill)" if cfg.fast_generation else ""))
     log.info("GRPO on %d prompts x %d completions, %d held-out prompts, rewards %s (%s) -> %s", len(train),
@@ -131,16 +128,13 @@ def run_grpo(cfg: GRPOTrainConfig) -> dict:
         started = time.time()
         trainer.train(resume_from_checkpoint=ckpt)
         wall = time.time() - started
-        metrics = {}
-        if trainer.accelerator.is_main_process:
-            metrics = final_metrics(cfg, trainer, ckpt, len(train), wall)
-            model = trainer.model
-            if hasattr(model, "peft_config") and "ref" in model.peft_config:
-                model.delete_adapter("ref")  # TRL's frozen copy for the KL term, not part of the result
-            cfg_out = cfg if cfg.output_dir else dataclasses.replace(cfg, output_dir=str(out))
-            save_final(model, trainer.processing_class, cfg_out, metrics, model_card(cfg_out, metrics, base_ref),
-                       base_ref=base_ref)
-        return metrics
+        metrics = final_metrics(cfg, trainer, ckpt, len(train), wall)
+        model = trainer.model
+        if hasattr(model, "peft_config") and "ref" in model.peft_config:
+            model.delete_adapter("ref")  # TRL's frozen copy for the KL term, not part of the result
+        cfg_out = with_output_dir(cfg)
+        finish_run(trainer, cfg_out, metrics, model_card(cfg_out, metrics, base_ref), base_ref=base_ref)
+        return metrics if trainer.accelerator.is_main_process else {}
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Without an orderly teardown the gloo backend sometimes aborts the other ranks at exit.
@@ -192,8 +186,10 @@ def model_card(cfg: GRPOTrainConfig, metrics: dict, base_ref: str | None) -> str
         f"(tasks: {', '.join(cfg.tasks) if cfg.tasks else 'all in the GRPO set'}), made by `grpo_train.py`.", "",
         "## Use", "",
         "```python",
-        "from utils.generation import load_for_generation, generate, with_format_instructions",
-        f"model, tok = load_for_generation('{output_dir(cfg)}')",
+        "from utils.data.formats import with_format_instructions",
+        "from utils.models.generation import generate",
+        "from utils.models.loading import load_for_inference",
+        f"model, tok = load_for_inference('{output_dir(cfg)}')",
         f"generate(model, tok, [with_format_instructions(messages, '{cfg.answer_format}')])",
         "```", "",
         "## Training", "",

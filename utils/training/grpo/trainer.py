@@ -14,9 +14,13 @@ against, and a test fails when the installed TRL's method no longer matches.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 from utils.training.grpo.policy import _zero3
+from utils.training.trl_compat import overrides, problems
+
+log = logging.getLogger(__name__)
 
 
 # ============================================================================= faster generation
@@ -185,7 +189,7 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
     return logps, entropies
 
 
-def _trainer_class():
+def trainer_class():
     """:class:`ECGGRPOTrainer`, built on first use so that importing this module does not import trl."""
     global ECGGRPOTrainer
     if ECGGRPOTrainer is not None:
@@ -208,6 +212,8 @@ def _trainer_class():
                     and not self._entropy_bonus_enabled
                     and self.model.config._attn_implementation in ("sdpa", "eager"))
 
+        @overrides("GRPOTrainer", ("self", "generation_batch"),
+                   uses=("_step", "_buffered_inputs", "_generate_and_score_completions", "steps_per_generation"))
         def _prepare_inputs(self, generation_batch):
             # TRL shuffles a generation batch before cutting it into micro-batches; with one optimizer step
             # per generation batch (on-policy) the order does not change the update, and keeping each
@@ -220,6 +226,11 @@ def _trainer_class():
                 self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
             return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
+        @overrides("GRPOTrainer", ("self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size",
+                                   "compute_entropy", "compute_aux_loss", "pixel_values", "image_grid_thw",
+                                   "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+                                   "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids"),
+                   uses=("_is_vlm", "aux_loss_enabled", "_entropy_bonus_enabled", "temperature"))
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                                batch_size=None, compute_entropy=False, compute_aux_loss=False,
                                                **multimodal):
@@ -249,6 +260,10 @@ def _trainer_class():
                     entropies = entropies.index_put((rows,), ent)
             return logps, entropies, None
 
+        @overrides("GRPOTrainer", ("self", "prompt_ids", "images", "multimodal_fields", "num_generations",
+                                   "has_tool_images"),
+                   uses=("use_transformers_continuous_batching", "_tokenizer", "eos_token_ids", "_dist",
+                         "generation_kwargs", "generation_config"))
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
                                   has_tool_images=False):
             if (not self.fast_generation or self.use_vllm or self.use_transformers_continuous_batching
@@ -265,8 +280,24 @@ def _trainer_class():
                 new = generate_grouped(unwrapped, prompt_ids, self.generation_config, self._tokenizer.pad_token_id)
             return _trim_after_eos(new, self.eos_token_ids), None
 
+    _Trainer.__name__ = _Trainer.__qualname__ = "ECGGRPOTrainer"
     ECGGRPOTrainer = _Trainer
     return _Trainer
+
+
+def set_fast_paths(trainer, fast_generation: bool, pack_groups: bool) -> list[str]:
+    """Turn the trainer's faster generation and packed groups on as asked, unless the installed TRL's
+    private methods no longer fit the overrides (:func:`utils.training.trl_compat.problems`): then both stay
+    off, TRL's own paths run, and a warning names each difference. Returns the differences."""
+    from trl import GRPOTrainer
+
+    drift = problems("GRPOTrainer", GRPOTrainer) if (fast_generation or pack_groups) else []
+    if drift:
+        log.warning("TRL's GRPOTrainer changed under this project's overrides; using TRL's own generation and "
+                    "log-probabilities (slower, correct): %s", "; ".join(drift))
+    trainer.fast_generation = fast_generation and not drift
+    trainer.pack_groups = pack_groups and not drift
+    return drift
 
 
 ECGGRPOTrainer = None

@@ -1,0 +1,77 @@
+"""The private TRL methods ECGGRPOTrainer overrides still have the signature and the private names the
+overrides were written against (utils/training/trl_compat.py)."""
+
+import inspect
+
+import pytest
+
+from utils.training import trl_compat
+
+
+@pytest.fixture(scope="module")
+def trainer_cls():
+    from utils.training.grpo.trainer import trainer_class
+
+    return trainer_class()
+
+
+def test_every_private_override_is_registered(trainer_cls):
+    """Each method ECGGRPOTrainer defines over a private GRPOTrainer method carries @overrides."""
+    from trl import GRPOTrainer
+
+    own = {name for name, v in vars(trainer_cls).items() if inspect.isfunction(v) and name.startswith("_")
+           and hasattr(GRPOTrainer, name)}
+    registered = set(trl_compat.REGISTRY.get("GRPOTrainer", {}))
+    assert own, "ECGGRPOTrainer overrides no private TRL method: drop trl_compat or this test"
+    assert own == registered, f"overrides without @overrides: {sorted(own - registered)}; " \
+                              f"registered but not defined: {sorted(registered - own)}"
+    for o in trl_compat.REGISTRY["GRPOTrainer"].values():
+        assert o.trl_version == trl_compat.WRITTEN_AGAINST and o.parameters[0] == "self"
+
+
+def test_installed_trl_matches_the_overrides(trainer_cls):
+    from trl import GRPOTrainer
+
+    found = trl_compat.problems("GRPOTrainer", GRPOTrainer)
+    assert not found, "TRL's private methods changed under ECGGRPOTrainer's overrides; review each and update " \
+                      "utils/training/grpo/trainer.py:\n" + "\n".join(found)
+
+
+def test_a_changed_signature_is_reported(trainer_cls):
+    """Against a GRPOTrainer whose private method gained a parameter, or lost them all, problems() names
+    each difference."""
+    from trl import GRPOTrainer
+
+    class Changed(GRPOTrainer):
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                                  has_tool_images=False, new_flag=None):
+            raise AssertionError("not called")
+
+        def _prepare_inputs(self, generation_batch):
+            raise AssertionError("not called")
+
+    found = trl_compat.problems("GRPOTrainer", Changed)
+    assert len(found) == 1 and "_generate_single_turn" in found[0] and "new_flag" in found[0], found
+
+    class Gone:
+        pass
+
+    gone = trl_compat.problems("GRPOTrainer", Gone)
+    assert len(gone) == len(trl_compat.REGISTRY["GRPOTrainer"]) and all("is gone" in g for g in gone)
+
+
+def test_drift_turns_the_fast_paths_off(trainer_cls, monkeypatch, caplog):
+    """When TRL no longer fits the overrides, the trainer runs TRL's own generation and log-probabilities
+    (with a warning) instead of calling them; when it fits, the config decides."""
+    import logging
+    from types import SimpleNamespace
+
+    from utils.training.grpo import trainer as trainer_mod
+
+    t = SimpleNamespace()
+    assert trainer_mod.set_fast_paths(t, True, False) == [] and (t.fast_generation, t.pack_groups) == (True, False)
+    monkeypatch.setattr(trainer_mod, "problems", lambda owner, cls: ["trl 9.9 GRPOTrainer._prepare_inputs is gone"])
+    with caplog.at_level(logging.WARNING):
+        drift = trainer_mod.set_fast_paths(t, True, True)
+    assert drift and (t.fast_generation, t.pack_groups) == (False, False)
+    assert any("_prepare_inputs is gone" in r.getMessage() for r in caplog.records)
