@@ -51,7 +51,7 @@ if [[ -n $RAW_DIR ]]; then
 elif ! ls data/raw/ECG-Expert-QA/*.json >/dev/null 2>&1; then
   prep_args+=(--download)
 fi
-phase 1 prepare "[[ -f $PROCESSED/data_card.json ]]" $PY prepare_data.py "${prep_args[@]}"
+phase 1 prepare "[[ -f $PROCESSED/.complete ]] && $PY -c 'import sys; from utils.data.card import verify_splits; from utils.data.rows import SPLITS; verify_splits(sys.argv[1], list(SPLITS))' $PROCESSED 2>/dev/null" $PY prepare_data.py "${prep_args[@]}"
 
 # 2-4. training phases; a restarted run resumes from its last checkpoint
 # shellcheck disable=SC2086

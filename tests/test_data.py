@@ -1,9 +1,11 @@
-"""prepare_data: the eleven raw shapes, cleaning rules, labels, the split, bad input, download."""
+"""prepare_data: the eleven raw shapes, cleaning rules, labels, the split, bad input, download, the atomic
+output folder and its data card, and what prepare and --download refuse to replace."""
 
 import hashlib
 import http.server
 import io
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,12 +16,14 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.fixtures import shapes, write_raw
+from utils.core.artifacts import DONE_MARKER
 from utils.core.config import load_config
-from utils.data.download import git_blob_sha1
+from utils.data.card import read_card, split_hash, verify_splits
+from utils.data.download import DOWNLOAD_MARKER, git_blob_sha1
 from utils.data.prepare import PrepareConfig, run_prepare
 from utils.data.raw import TASKS, CleanOptions, load_raw
-from utils.data.rows import DataError
-from utils.data.split import near_duplicate_groups, split_records
+from utils.data.rows import SPLITS, DataError
+from utils.data.split import duplicate_groups, near_duplicate_groups, nearest_neighbours, split_records
 from utils.data.text import extract_numbers, followup_interval, jaccard, words
 
 SYSTEM = "SYS"
@@ -197,9 +201,54 @@ def test_split_is_deterministic_and_stratified(raw_dir):
     assert {k: [r["id"] for r in v] for k, v in a.items()} == {k: [r["id"] for r in v] for k, v in b.items()}
     assert sum(len(v) for v in a.values()) == len(records)
     held = by_task(a["test"] + a["validation"])
-    assert {"CD", "CK", "EBK"} <= set(held)  # tasks with distinct questions reach the held-out splits
+    assert {"CD", "CK"} <= set(held)  # tasks with distinct prompts and answers reach the held-out splits
     groups_by_split = {k: {r["group"] for r in v} for k, v in a.items()}
     assert not groups_by_split["train"] & (groups_by_split["test"] | groups_by_split["validation"])
+    # The fixtures' EBK and CK items reuse the same ten answers: each pair is one group, on one side.
+    by_ref = {}
+    for r in records:
+        by_ref.setdefault(r["reference"], []).append(r)
+    pairs = [rs for rs in by_ref.values() if {r["task"] for r in rs} == {"EBK", "CK"}]
+    assert len(pairs) == 10 and all(len({(r["group"], r["split"]) for r in rs}) == 1 for rs in pairs)
+
+
+def _record(i: int, prompt: str, answer: str, task: str = "PP") -> dict:
+    return {"id": f"{task}-{i:03d}", "task": task, "reference": answer,
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt},
+                         {"role": "assistant", "content": answer}]}
+
+
+def test_near_duplicates_judged_on_prompt_and_on_answer():
+    advice = "You have atrial fibrillation; take apixaban twice daily and avoid alcohol and heavy exercise"
+    records = [
+        # the same advice, questions a word apart: the questions alone are < 0.8, the whole prompt is not
+        _record(0, f"Medical advice:\n{advice}.\n\nQuestion: How often should I come back?", "Every 3 months."),
+        _record(1, f"Medical advice:\n{advice}.\n\nQuestion: How often should I return?", "In one year, with an ECG."),
+        # different questions whose answers match word for word
+        _record(2, "Is my pacemaker safe near a microwave oven?", "Yes, modern pacemakers are shielded from it."),
+        _record(3, "Can I cook with a microwave with my device?", "Yes, modern pacemakers are shielded from it!"),
+        _record(4, "What does a delta wave mean?", "Pre-excitation, as in Wolff-Parkinson-White syndrome."),
+    ]
+    assert jaccard(set(words("How often should I come back?")), set(words("How often should I return?"))) < 0.8
+    g = duplicate_groups(records, 0.8)
+    assert g.by_key["prompt"][0] == g.by_key["prompt"][1] and g.by_key["answer"][0] != g.by_key["answer"][1]
+    assert g.by_key["answer"][2] == g.by_key["answer"][3] and g.by_key["prompt"][2] != g.by_key["prompt"][3]
+    assert g.groups[0] == g.groups[1] and g.groups[2] == g.groups[3]
+    assert len({g.groups[0], g.groups[2], g.groups[4]}) == 3
+    assert g.stats() == {"items_in_groups": 4, "groups": 2, "largest": 2,
+                         "by_prompt": {"items_in_groups": 2, "groups": 1, "largest": 2},
+                         "by_answer": {"items_in_groups": 2, "groups": 1, "largest": 2}}
+
+
+def test_nearest_neighbours_is_exact():
+    """The sparse closest-item search against every pair compared, wordless texts included."""
+    texts = [x for item in shapes()["EBK"] + shapes()["CK"] for x in (item["Q"], item["A"])] + ["", "?!"]
+    queries, pool = texts[::3], [t for i, t in enumerate(texts) if i % 3]
+    got = nearest_neighbours(queries, pool, chunk=4)
+    pool_sets = [set(words(t)) for t in pool]
+    for q, (sim, j) in zip(queries, got):
+        best = max(jaccard(set(words(q)), b) for b in pool_sets)
+        assert sim == best and (j < 0 or jaccard(set(words(q)), pool_sets[j]) == sim)
 
 
 def test_prepare_writes_sets_loadable_with_datasets(processed):
@@ -249,25 +298,135 @@ def test_real_counts_reconcile(real, real_raw_dir):
         assert c.get("test", 0) > 0 and c.get("validation", 0) > 0, task
 
 
-def test_real_split_has_no_leak(real):
-    """No test question, nor a near-duplicate of one (word Jaccard >= threshold), is in train: checked by
-    brute force over every test x train pair, independently of the prefix filter the split uses."""
-    _, rows, cfg = real
-    test = [frozenset(words(r["question"])) for r in rows if r["split"] == "test"]
-    train = [frozenset(words(r["question"])) for r in rows if r["split"] == "train"]
-    assert test and train
-    t = cfg.near_duplicate_threshold
-    # Size filter first (Jaccard >= t needs |a| >= t|b|), then the exact measure.
-    by_len: dict[int, list[frozenset]] = {}
-    for s in train:
-        by_len.setdefault(len(s), []).append(s)
-    leaks = 0
-    for a in test:
+def _pairs_at_or_above(held: list[frozenset], pool: list[frozenset], t: float) -> list[tuple[int, int]]:
+    """Every (held, pool) pair with word Jaccard >= t, by brute force (a size filter first: Jaccard >= t
+    needs min(|a|, |b|) >= t * max(|a|, |b|)), independently of the split's prefix filter and the card's
+    sparse search."""
+    by_len: dict[int, list[tuple[int, frozenset]]] = {}
+    for j, b in enumerate(pool):
+        by_len.setdefault(len(b), []).append((j, b))
+    found = []
+    for i, a in enumerate(held):
         for n, group in by_len.items():
             if min(n, len(a)) < t * max(n, len(a)):
                 continue
-            leaks += sum(1 for b in group if len(a & b) >= t * len(a | b))
-    assert leaks == 0
+            found += [(i, j) for j, b in group if jaccard(a, b) >= t]
+    return found
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: every held-out x train pair of a size that could reach the threshold
+def test_real_split_has_no_leak(real):
+    """No test or validation item has a train item (nor a test item a validation item) whose prompt (the
+    turns before the answer: context and question) or whose answer reaches the threshold. (Changed: the
+    split used to judge the question alone; two Patient Prognosis items asking the same question about
+    different advice may now sit on both sides, while items whose advice or answers match no longer do.)"""
+    _, rows, cfg = real
+    t = cfg.near_duplicate_threshold
+    texts = {"prompt": lambda r: "\n".join(m["content"] for m in r["messages"][:-1] if m["role"] != "system"),
+             "answer": lambda r: r["reference"]}
+    by_split = {s: [r for r in rows if r["split"] == s] for s in ("train", "validation", "test")}
+    assert all(by_split.values())
+    for key, text in texts.items():
+        sets = {s: [frozenset(words(text(r))) for r in rs] for s, rs in by_split.items()}
+        for held, pool in (("test", "train"), ("validation", "train"), ("test", "validation")):
+            leaks = _pairs_at_or_above(sets[held], sets[pool], t)
+            first = [(by_split[held][i]["id"], by_split[pool][j]["id"]) for i, j in leaks[:5]]
+            assert not leaks, (key, held, pool, first)
+
+
+def test_real_card_reports_closest_train_items(real):
+    card, rows, cfg = real
+    assert card["splits"]["train"] > 8000 and card["splits"]["test"] > 400
+    assert card["near_duplicates"]["items_in_groups"] > card["near_duplicates"]["by_prompt"]["items_in_groups"]
+    for held in ("test", "validation"):
+        for key in ("prompt", "answer"):
+            s = card["closest_train"][held][key]
+            assert s["items"] == card["splits"][held] and s["max"] < cfg.near_duplicate_threshold
+            assert s["at_or_above"][str(cfg.near_duplicate_threshold)] == 0 and len(s["closest"]) == 10
+    ids = {r["id"]: r["split"] for r in rows}
+    assert all(ids[c["id"]] == "test" and ids[c["train_id"]] == "train"
+               for c in card["closest_train"]["test"]["prompt"]["closest"])
+
+
+# ----------------------------------------------------------------------------- the output folder and its card
+def _cfg(raw_dir, out_dir, **over):
+    return load_config(PrepareConfig, None, {"raw_dir": str(raw_dir), "out_dir": str(out_dir), "tokenizer": "",
+                                             "system_prompt_file": str(ROOT / "data/system_prompt.txt"), **over})
+
+
+def test_prepare_records_hashes_that_verify_splits_checks(processed):
+    assert (processed / DONE_MARKER).is_file()
+    card = read_card(processed)
+    for name, entry in card["outputs"].items():
+        data = (processed / name).read_bytes()
+        assert entry == {"rows": data.count(b"\n"), "sha256": hashlib.sha256(data).hexdigest()}
+    hashes = verify_splits(processed, list(SPLITS))
+    assert hashes == {s: card["outputs"][f"{s}.jsonl"]["sha256"] for s in SPLITS}
+    assert split_hash(processed, "eval/test") == hashes["eval/test"]
+    md = (processed / "data_card.md").read_text()
+    assert all(h in md for h in hashes.values())
+
+    path = processed / "sft/train.jsonl"
+    path.write_bytes(path.read_bytes().replace(b"atrial", b"Atrial", 1))  # one byte differs, same row count
+    for call in (lambda: verify_splits(processed, ["eval/test", "sft/train"]),
+                 lambda: split_hash(processed, "sft/train")):
+        with pytest.raises(DataError) as e:
+            call()
+        msg = str(e.value)
+        assert str(path) in msg and "changed since prepare_data.py wrote it" in msg and "\n" not in msg
+    assert verify_splits(processed, ["eval/test"]) == {"eval/test": hashes["eval/test"]}  # the others still pass
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (shutil.rmtree, "processed data folder not found"),
+    (lambda d: (d / DONE_MARKER).unlink(), f"no {DONE_MARKER} marker"),
+    (lambda d: (d / "data_card.json").unlink(), "data_card.json: not found"),
+    (lambda d: (d / "data_card.json").write_text("{"), "data_card.json: unreadable"),
+    (lambda d: (d / "data_card.json").write_text("{}"), "no 'outputs' table"),
+    (lambda d: (d / "eval/test.jsonl").unlink(), "test.jsonl: not found, though the data card lists it"),
+])
+def test_card_errors_are_one_line_and_say_how_to_fix(processed, damage, expected):
+    damage(processed)
+    with pytest.raises(DataError) as e:
+        verify_splits(processed, ["eval/test"])
+    msg = str(e.value)
+    assert expected in msg and "prepare_data.py" in msg and "\n" not in msg
+
+
+def test_interrupted_prepare_leaves_the_previous_folder_whole(tmp_path, raw_dir, processed, monkeypatch):
+    from utils.data import prepare
+
+    before = {p.relative_to(processed): p.read_bytes() for p in processed.rglob("*") if p.is_file()}
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # killed after the split files are written, before the card
+
+    monkeypatch.setattr(prepare, "card_markdown", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(_cfg(raw_dir, processed, val_fraction=0.2, test_fraction=0.2))  # would change every split
+    after = {p.relative_to(processed): p.read_bytes() for p in processed.rglob("*") if p.is_file()}
+    assert after == before and verify_splits(processed, list(SPLITS))
+    leftovers = [p for p in processed.parent.iterdir() if p.name.startswith("processed.")]
+    assert leftovers and not any((p / DONE_MARKER).exists() for p in leftovers)  # visibly unfinished
+
+
+def test_prepare_replaces_only_a_folder_it_wrote(tmp_path, raw_dir, processed):
+    run_prepare(_cfg(raw_dir, processed, seed=99))  # its own folder: replaced
+    assert "seed: 99" in (processed / "prepare_config.yaml").read_text() and (processed / DONE_MARKER).is_file()
+    (tmp_path / "empty").mkdir()
+    run_prepare(_cfg(raw_dir, tmp_path / "empty"))  # an empty folder holds nothing to lose
+    assert verify_splits(tmp_path / "empty", ["eval/test"])
+
+    theirs = tmp_path / "theirs"
+    (theirs / "eval").mkdir(parents=True)
+    (theirs / "notes.txt").write_text("mine")
+    (theirs / "data_card.json").write_text("{}")  # a card alone does not make it ours: no marker
+    with pytest.raises(DataError) as e:
+        run_prepare(_cfg(raw_dir, theirs))
+    msg = str(e.value)
+    assert str(theirs) in msg and "not written by prepare_data.py" in msg and "--out-dir" in msg and "\n" not in msg
+    assert (theirs / "notes.txt").read_text() == "mine" and not (theirs / "sft").exists()
+    assert not list(tmp_path.glob("theirs.*"))  # refused before any work
 
 
 # ----------------------------------------------------------------------------- download
@@ -327,6 +486,34 @@ def test_download_rejects_wrong_file(tmp_path, server):
     assert not raw.exists()
     with pytest.raises(DataError, match="download failed"):
         download(raw, f"{base}/missing.zip", {TASKS["EBK"].file: "deadbeef"})
+
+
+def test_download_replaces_only_a_folder_it_made(tmp_path, server):
+    from utils.data.download import download
+
+    www, base = server
+    src = write_raw(tmp_path / "src", tasks=["EBK"])
+    files = {p.name: p.read_bytes() for p in src.iterdir()}
+    (www / "a.zip").write_bytes(_archive(files))
+    expected = {n: git_blob_sha1(d)[:8] for n, d in files.items()}
+    raw = tmp_path / "raw"
+    download(raw, f"{base}/a.zip", expected)
+    marker = json.loads((raw / DOWNLOAD_MARKER).read_text())
+    assert marker["url"] == f"{base}/a.zip" and marker["git_blobs"] == {n: git_blob_sha1(d) for n, d in files.items()}
+    (raw / "stale.txt").write_text("from an older download")
+    download(raw, f"{base}/a.zip", expected)  # its own folder: replaced whole
+    assert not (raw / "stale.txt").exists() and (raw / DOWNLOAD_MARKER).is_file()
+
+    shared = write_raw(tmp_path / "shared", tasks=["PRTK"])  # e.g. a shared copy of the data
+    before = {p.name: p.read_bytes() for p in shared.iterdir()}
+    cfg = _cfg(shared, tmp_path / "out", download=True, download_url=f"{base}/a.zip", expected_blobs=expected)
+    for call in (lambda: download(shared, f"{base}/a.zip", expected), lambda: run_prepare(cfg)):
+        with pytest.raises(DataError) as e:
+            call()
+        msg = str(e.value)
+        assert str(shared) in msg and "not made by --download" in msg and "--raw-dir" in msg and "\n" not in msg
+    assert {p.name: p.read_bytes() for p in shared.iterdir()} == before
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("shared.*"))
 
 
 def test_pinned_blob_hashes_match_the_real_files(real_raw_dir):

@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
 import yaml
+
+from utils.core.config import UserError
+
+log = logging.getLogger(__name__)
 
 DONE_MARKER = ".complete"  # written last: a folder without it is a half-written save
 
@@ -17,12 +23,28 @@ def mark_complete(folder: Path) -> None:
     (Path(folder) / DONE_MARKER).write_text("ok\n")
 
 
-def atomic_save(folder: Path, save_fn) -> Path:
-    """Write a model folder through ``save_fn(tmp_dir)`` into a temporary sibling, then rename it.
+def check_replaceable(folder: str | Path, key: str = "output_dir", legacy: tuple[str, ...] = ()) -> None:
+    """Refuse, in one line, to replace a folder this project did not write: an existing, non-empty
+    ``folder`` is replaced only when it carries the completion marker (or, for folders written before the
+    marker existed, all of the ``legacy`` files). ``key``: the setting that chooses the folder."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: exists and is not a folder; choose another {key}")
+    if replaceable(folder, DONE_MARKER) or (legacy and replaceable(folder, *legacy)):
+        return
+    raise UserError(f"{folder}: exists and was not written by this project (no {DONE_MARKER} marker), so it is "
+                    f"left as it is; choose another {key}, or move that folder away yourself")
+
+
+def atomic_save(folder: Path, save_fn, key: str = "output_dir", legacy: tuple[str, ...] = ()) -> Path:
+    """Write a folder through ``save_fn(tmp_dir)`` into a temporary sibling, then rename it into place with
+    its completion marker; an existing folder is replaced only when the project wrote it
+    (:func:`check_replaceable`).
 
     An interrupted save leaves only ``<folder>.tmp-*``, never a folder that looks complete.
     """
     folder = Path(folder)
+    check_replaceable(folder, key, legacy)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -38,10 +60,23 @@ def atomic_save(folder: Path, save_fn) -> Path:
     return folder
 
 
+def replaceable(folder: Path, *markers: str) -> bool:
+    """Whether the project may replace ``folder``: it is absent, empty, or holds every file in ``markers``
+    (the marks the project writes into the folders it makes). A folder someone else made, such as a
+    shared copy of the data, is never deleted."""
+    folder = Path(folder)
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
+    return not any(folder.iterdir()) or all((folder / m).is_file() for m in markers)
+
+
 TRAIN_CONFIG = "train_config.yaml"  # in the final model folder: the resolved config of the run
 
 
 METRICS_FILE = "metrics.json"
+FINGERPRINT = "fingerprint.json"  # in a model folder: what made it (utils.training.run.fingerprint)
 
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -64,4 +99,46 @@ def read_train_config(folder: str | Path) -> dict | None:
     path = Path(folder) / TRAIN_CONFIG
     if not path.is_file():
         return None
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: not readable YAML ({first}); expected the {TRAIN_CONFIG} a training phase "
+                        "writes: run that phase again, or remove the file") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: holds {type(cfg).__name__}, not the mapping of settings a training phase writes; "
+                        "run that phase again, or remove the file")
+    return cfg
+
+
+def read_log(path: str | Path, repair: bool = True) -> list[dict]:
+    """The JSON objects of an append-only JSONL log (held-out answers, samples, the answer cache).
+
+    A run killed while appending leaves a torn last line (no newline, or cut JSON): it is dropped with a
+    warning, and with ``repair`` cut from the file so that the next append starts on a fresh line. Other
+    unreadable lines are skipped and counted in a warning. A missing file is an empty log."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[:raw.rfind(b"\n") + 1]
+        if repair:
+            path.write_bytes(raw)
+        log.warning("%s: dropped a torn last line (a write was interrupted)", path)
+    out, bad = [], 0
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+        else:
+            bad += 1
+    if bad:
+        log.warning("%s: %d unreadable line(s) ignored", path, bad)
+    return out

@@ -86,9 +86,6 @@ DEFAULT_CONTEXT_LABEL = "Patient's ECG record"
 LIST_ANSWERS = {"MEE"}
 
 
-# Tasks whose questions are templates asked of many patient records: near-duplicates are judged on the
-# record and the question together, else every item of the task would be one "duplicate" group.
-CONTEXT_KEYED = {"CMD", "GRA", "LTD", "MEE", "MROD", "MC"}
 
 
 # MIMIC-IV-ECG writes 29999 for an axis it could not measure.
