@@ -144,12 +144,13 @@ def test_sample_rows_is_seeded_and_spread_over_tasks():
 
 def test_parse_judge_score():
     assert parse_judge_score("Score: 5 - complete") == 1.0
-    assert parse_judge_score("I would give it a 2.") == 0.25
     assert parse_judge_score("score=3 because of 10 ms error") == 0.5
     assert parse_judge_score("The answer is fine.") is None
     assert parse_judge_score("Score: 7") is None
     assert parse_judge_score("A score of N from 1 to 5 is unclear.") is None
-    assert parse_judge_score("Out of 5, I give it 4") == 0.75 and parse_judge_score("3/5") == 0.5
+    assert parse_judge_score("I give it 4 out of 5") == 0.75 and parse_judge_score("3/5") == 0.5
+    # a digit in the prose is no grade (tests/test_judge.py has the full list)
+    assert parse_judge_score("I would give it a 2.") is None and parse_judge_score("Out of 5, I give it 4") is None
 
 
 # ============================================================================= config
@@ -474,12 +475,14 @@ def test_judge_openai_endpoint(tmp_path, tiny_llama, processed, monkeypatch):
         server.close()
 
 
-def test_judge_endpoint_down_is_one_line(tmp_path):
-    from utils.evaluation.judge import openai_chat
+def test_judge_endpoint_down_is_one_line(tmp_path, monkeypatch):
+    from utils.evaluation import judge
 
+    monkeypatch.setattr(judge, "BACKOFF_BASE", 0.001)  # retried, but without the real pauses
     with pytest.raises(UserError) as e:
-        openai_chat("http://127.0.0.1:9/v1", "m", [{"role": "user", "content": "x"}], 8, None, 5)
+        judge.openai_chat("http://127.0.0.1:9/v1", "m", [{"role": "user", "content": "x"}], 8, None, 5)
     assert "judge_endpoint http://127.0.0.1:9/v1/chat/completions" in str(e.value) and "\n" not in str(e.value)
+    assert f"gave up after {judge.MAX_ATTEMPTS} attempts" in str(e.value)
 
 
 @pytest.mark.slow

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from utils.core.config import UserError, fld, non_negative, positive
 from utils.rewards.mix import RewardMix
@@ -28,8 +30,34 @@ Score the ANSWER from 1 to 5:
 Reply with one line: "Score: N" and a one-sentence reason."""
 
 
-def _http_url(x: str) -> bool:
-    return x == "" or x.startswith(("http://", "https://"))
+def loopback_host(host: str | None) -> bool:
+    """Whether ``host`` is this machine: localhost, 127.0.0.0/8 or ::1 (no name lookup, so a DNS name that
+    resolves to 127.0.0.1 does not count: the check must not depend on a resolver an attacker may control)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def judge_url_ok(x: str) -> bool:
+    """https:// to any host, plain http:// only to this machine: the request carries the API key and the
+    answers, which must not cross a network in clear text."""
+    if x == "":
+        return True
+    try:
+        u = urlsplit(x)
+        host = u.hostname
+        u.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        return False
+    return bool(host) and (u.scheme == "https" or (u.scheme == "http" and loopback_host(host)))
+
+
+JUDGE_URL_EXPECTED = "an https:// URL (plain http:// only to localhost, 127.0.0.0/8 or ::1)"
 
 
 @dataclass
@@ -83,7 +111,7 @@ class EvalConfig(RewardMix):
     judge_model: str = fld("", "local: a model reference (alias, folder, Hub id); openai: the model name the "
                            "endpoint serves.")
     judge_endpoint: str = fld("", "openai: base URL, e.g. http://localhost:8000/v1 (…/chat/completions is added).",
-                              check=(_http_url, "an http:// or https:// URL"))
+                              check=(judge_url_ok, JUDGE_URL_EXPECTED))
     judge_api_key_env: str = fld("OPENAI_API_KEY", "Environment variable holding the endpoint's API key (unset: "
                                  "no key sent).")
     judge_rubric: str = fld("", "Text file with the judge's rubric (its system prompt); empty: the built-in one.")
