@@ -15,6 +15,7 @@ from typing import Callable
 from utils.core.config import ConfigError, UserError, fld, load_config, non_negative, positive, to_dict
 from utils.data.formats import FORMATS, THINK_CLOSE, THINK_OPEN, parse, with_format_instructions
 from utils.models.generation import stop_token_ids
+from utils.models.special_tokens import escape_messages
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +157,10 @@ class ContextFull(UserError):
 
 
 def render_prompt(tok, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation rendered with the model's chat template, ready for the reply."""
+    """Token ids of a conversation rendered with the model's chat template, ready for the reply. A
+    special-token string typed into a message is read as text (utils.models.special_tokens)."""
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(escape_messages(messages, tok), add_generation_prompt=True, tokenize=False)
     except ValueError as e:  # no chat template: a base (non-instruct) model
         raise UserError(f"the model's tokenizer has no usable chat template ({str(e).splitlines()[0]}); "
                         "chat.py needs an instruct or chat model") from None

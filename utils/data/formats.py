@@ -14,12 +14,27 @@ what evaluation measures is the same part of the text.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 FORMATS = ("plain", "reasoning")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-_REASONING = re.compile(r"^\s*<think>\s*(?P<r>.*?)\s*</think>\s*(?P<a>.*)$", re.DOTALL)
+
+
+def _split_reasoning(text: str) -> tuple[str, str] | None:
+    """``(reasoning, answer)`` when the text opens with ``<think>`` (after whitespace) and closes it, else None.
+
+    Plain string searches, not a regex: the regex this replaces (``\\s*<think>\\s*(.*?)\\s*</think>``)
+    backtracked in cubic time on an unclosed tag followed by whitespace (4 s for 2,000 spaces), so one
+    degenerate completion could stall GRPO or evaluation for hours. The reasoning ends at the first
+    ``</think>``, as the lazy regex's did.
+    """
+    body = text.lstrip()
+    if not body.startswith(THINK_OPEN):
+        return None
+    end = body.find(THINK_CLOSE, len(THINK_OPEN))
+    if end < 0:
+        return None
+    return body[len(THINK_OPEN):end].strip(), body[end + len(THINK_CLOSE):].strip()
 
 
 @dataclass(frozen=True)
@@ -43,9 +58,9 @@ def parse(text: str, fmt: str = "plain") -> Parsed:
         stray = THINK_OPEN in text or THINK_CLOSE in text
         return Parsed(text.strip(), None, bool(text.strip()) and not stray)
     if fmt == "reasoning":
-        m = _REASONING.match(text)
-        if m:
-            answer, reasoning = m.group("a").strip(), m.group("r").strip()
+        split = _split_reasoning(text)
+        if split:
+            reasoning, answer = split
             ok = bool(answer) and bool(reasoning) and THINK_OPEN not in answer and THINK_CLOSE not in answer
             return Parsed(answer, reasoning, ok)
         # An unclosed <think> means the answer never came (usually a completion cut at max length).

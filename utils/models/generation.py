@@ -17,6 +17,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from utils.models.special_tokens import escape_messages
+
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +55,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
              num_return_sequences: int = 1, seed: int | None = None, progress: bool = False) -> list:
     """Generate one completion per prompt (or a list of ``num_return_sequences`` per prompt).
 
-    ``prompts`` are conversations (lists of ``{"role", "content"}``) ending with a user turn.
+    ``prompts`` are conversations (lists of ``{"role", "content"}``) ending with a user turn; a special-token
+    string inside a message is read as text, never as the special token.
     Greedy unless ``do_sample``; ``seed`` makes sampling repeatable. The model is put in eval mode and
     run without gradients; its training flag is restored afterwards.
     """
@@ -65,7 +68,9 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
-    encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    # A special-token string inside a message is read as text (utils.models.special_tokens).
+    encoded = [tokenizer.apply_chat_template(escape_messages(p, tokenizer), add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
                for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

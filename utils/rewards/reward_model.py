@@ -7,6 +7,7 @@ import logging
 import math
 
 from utils.core.config import UserError
+from utils.models.special_tokens import escape_special_tokens
 from utils.rewards.rules import _answers, _column, _finite, _str
 
 
@@ -18,7 +19,8 @@ def reward_model_reward(completions, reward_model: str | None = None, prompts=No
     ``sigmoid(r(q, answer) - r(q, reference))``, the Bradley-Terry probability that the answer would be
     chosen over the reference (0.5 for the reference itself), or ``sigmoid(r(q, answer))`` for items
     without a reference. ``reward_model`` is a model reference (``reward``, a folder); the model is
-    loaded once per process. An empty answer scores 0. Range [0, 1]; always applies.
+    loaded once per process. An empty answer scores 0. Range [0, 1]; None for an item whose score (or its
+    reference's) is not finite, which the scorer counts and logs (:meth:`RewardScorer.scores`).
 
     >>> reward_model_reward(["Yes, you may."], reward_model="reward", question=["May I refuse?"],
     ...                     reference=["Yes, you may refuse."])  # doctest: +SKIP
@@ -40,7 +42,7 @@ def reward_model_reward(completions, reward_model: str | None = None, prompts=No
         got = get_scorer(reward_model, base_model).preference([prm[i] for i in idx], [qs[i] for i in idx],
                                                               [answers[i] for i in idx], [refs[i] for i in idx])
         for i, v in zip(idx, got):
-            out[i] = _finite(v)
+            out[i] = None if v is None else _finite(v)  # None: a non-finite score, counted and logged
     return out
 
 
@@ -65,9 +67,11 @@ def user_text(row: dict) -> str:
 def encode(tok, user: str, answer: str, max_length: int, max_prompt_tokens: int) -> list[int]:
     """Token ids of one (question, answer) conversation under the tokenizer's chat template, at most
     ``max_length``: the question keeps its last ``max_prompt_tokens`` tokens, the answer is cut to fit.
-    Training and scoring both go through here, so the model always reads the same layout."""
+    Training and scoring both go through here, so the model always reads the same layout. Special-token
+    strings in either text are read as text (utils.models.special_tokens)."""
     # A very long answer is cut by characters first; no token fits in less than a character.
-    answer = answer[: max_length * 8]
+    answer = escape_special_tokens(answer[: max_length * 8], tok)
+    user = escape_special_tokens(user, tok)
     u = tok(user, add_special_tokens=False)["input_ids"]
     if len(u) > max_prompt_tokens:
         user = tok.decode(u[-max_prompt_tokens:])
@@ -93,6 +97,7 @@ class RewardScorer:
         self.model, self.tok = model, tok
         self.max_length, self.max_prompt_tokens, self.batch_size = max_length, max_prompt_tokens, batch_size
         self._ref_cache: dict[tuple[str, str], float] = {}
+        self.non_finite = 0  # scores whose logit was NaN or infinite, in this process
 
     @classmethod
     def load(cls, ref: str, base_model: str | None = None, device: str | None = None) -> "RewardScorer":
@@ -112,12 +117,16 @@ class RewardScorer:
                    meta.get("score_batch_size", 16))
 
     def scores(self, users: list[str], answers: list[str]) -> list[float]:
-        """The raw reward (one logit) of each (question, answer)."""
+        """The raw reward (one logit) of each (question, answer); NaN where the logit is not finite.
+
+        A non-finite logit is a broken model or an overflow, not a judgement: it is counted
+        (``self.non_finite``) and logged, and stays NaN (never a made-up 0) so that every consumer sees it:
+        :meth:`preference` turns it into None, "no score"."""
         import torch
 
         seqs = [encode(self.tok, u, a, self.max_length, self.max_prompt_tokens) for u, a in zip(users, answers)]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        out = [0.0] * len(seqs)
+        out = [math.nan] * len(seqs)
         device = next(self.model.parameters()).device
         pad = self.tok.pad_token_id
         was_training = self.model.training
@@ -135,26 +144,32 @@ class RewardScorer:
                     logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 for row, i in enumerate(idx):
                     v = float(logits[row, 0])
-                    out[i] = v if math.isfinite(v) else 0.0
+                    out[i] = v if math.isfinite(v) else math.nan
         finally:
             self.model.train(was_training)
+        bad = sum(1 for v in out if math.isnan(v))
+        if bad:
+            self.non_finite += bad
+            log.warning("reward model: %d of %d scores are not finite (NaN or infinite logits; %d in this process); "
+                        "those items get no reward_model value", bad, len(out), self.non_finite)
         return out
 
-    def preference(self, prompts: list, questions: list, answers: list[str], refs: list[str]) -> list[float]:
+    def preference(self, prompts: list, questions: list, answers: list[str], refs: list[str]) -> list[float | None]:
         """sigmoid(r(q, answer) - r(q, reference)) per item (sigmoid(r(q, answer)) without a reference);
-        reference scores are cached, since GRPO scores many answers to one question."""
+        None where either score is not finite. Reference scores are cached, since GRPO scores many answers
+        to one question."""
         users = [user_text({"prompt": p, "question": q}) for p, q in zip(prompts, questions)]
+        if len(self._ref_cache) > 50000:  # cleared before the look-up, so every reference below is scored
+            self._ref_cache.clear()
         todo = [(u, r) for u, r in dict.fromkeys(zip(users, refs)) if r.strip() and (u, r) not in self._ref_cache]
-        if todo:
-            if len(self._ref_cache) > 50000:
-                self._ref_cache.clear()
-            for key, v in zip(todo, self.scores([u for u, _ in todo], [r for _, r in todo])):
-                self._ref_cache[key] = v
+        fresh = dict(zip(todo, self.scores([u for u, _ in todo], [r for _, r in todo]))) if todo else {}
+        # A non-finite reference score is not cached: it is scored, counted and logged again next time.
+        self._ref_cache.update((k, v) for k, v in fresh.items() if math.isfinite(v))
         raw = self.scores(users, answers)
         out = []
         for u, r, s in zip(users, refs, raw):
-            base = self._ref_cache.get((u, r), 0.0) if r.strip() else 0.0
-            out.append(_sigmoid(s - base))
+            base = (fresh[(u, r)] if (u, r) in fresh else self._ref_cache[(u, r)]) if r.strip() else 0.0
+            out.append(_sigmoid(s - base) if math.isfinite(s) and math.isfinite(base) else None)
         return out
 
 
