@@ -1,6 +1,7 @@
 """utils/training/ (config.py, run.py): TRL arguments, PEFT/bitsandbytes settings, resume, the atomic final save."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def test_trainer_extra_unknown_key_refused_at_load(tmp_path):
 
 @pytest.mark.parametrize("over, words", [
     ({"lora_r": 0}, "lora_r"), ({"learning_rate": -1e-4}, "learning_rate"),
-    ({"batch_size": 10, "per_device_batch_size": 4}, "not a multiple"),
+    ({"zero_stage": 4}, "zero_stage"), ({"learning_rate": 2.0}, "learning_rate"),
     ({"lora_dropout": 1.5}, "lora_dropout"), ({"max_steps": 0}, "max_steps"),
     ({"quantization": "4bit", "adapter": "none"}, "adapter: lora"), ({"resume": ""}, "resume"),
 ])
@@ -112,12 +113,16 @@ def test_resume_auto_picks_last_complete_checkpoint(tmp_path):
     assert resume_checkpoint(cfg(tmp_path, logging_steps=1, save_steps=3)) == str(run / "checkpoint-10")
 
 
-def test_resume_auto_with_other_settings_starts_afresh(tmp_path):
+def test_resume_auto_with_other_settings_starts_afresh(tmp_path, caplog):
     run = tmp_path / "run"
     resume_checkpoint(cfg(tmp_path))
     _fake_checkpoint(run, 4)
-    assert resume_checkpoint(cfg(tmp_path, learning_rate=1e-5)) is None
-    assert not list(run.glob("checkpoint-*"))  # stale checkpoints of the other run are gone
+    with caplog.at_level(logging.WARNING):
+        assert resume_checkpoint(cfg(tmp_path, learning_rate=1e-5)) is None
+    assert "config.learning_rate" in caplog.text and "--resume" in caplog.text  # what differs, and the way back
+    assert not list(run.glob("checkpoint-*"))  # the other run's checkpoints are out of the Trainer's way...
+    moved = list(run.glob("previous-*/checkpoint-4/trainer_state.json"))
+    assert len(moved) == 1  # ...but kept: nothing is deleted
     assert yaml.safe_load((run / RUN_CONFIG).read_text())["learning_rate"] == 1e-5
 
 
@@ -127,6 +132,7 @@ def test_resume_never_and_path(tmp_path):
     ck = _fake_checkpoint(run, 4)
     assert resume_checkpoint(cfg(tmp_path, resume=str(ck))) == str(ck)
     assert resume_checkpoint(cfg(tmp_path, resume="never")) is None and not ck.exists()
+    assert list(run.glob("previous-*/checkpoint-4"))  # moved aside, not deleted
     with pytest.raises(UserError, match="not a folder"):
         resume_checkpoint(cfg(tmp_path, resume=str(tmp_path / "nope")))
     half = _fake_checkpoint(run, 6, complete=False)

@@ -96,16 +96,37 @@ HELP = """commands:
 A line ending in \\ continues on the next line; //text sends a message that starts with /."""
 
 
+def _not_utf8(e: UnicodeError) -> UserError:
+    return UserError(f"standard input is not UTF-8 text ({e.reason} at offset {e.start} of a chunk); expected "
+                     "UTF-8, e.g. convert it with `iconv -f latin1 -t utf-8`")
+
+
+def _utf8(text: str) -> str:
+    """``text`` as read, refused when it holds undecodable bytes: in Python's UTF-8 mode and under the C
+    locale standard input decodes them to lone surrogates instead of failing, and the tokenizer then
+    fails with a traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _not_utf8(e) from None
+    return text
+
+
 def _read_line(inp: TextIO, out: TextIO, prompt: str) -> str | None:
     """One line from the user, None at end of input. A terminal gets readline editing through input()."""
     if inp is sys.stdin and out is sys.stdout and inp.isatty():
         try:
-            return input(prompt)
+            return _utf8(input(prompt))
         except EOFError:
             return None
+        except UnicodeDecodeError as e:
+            raise _not_utf8(e) from None
     out.write(prompt)
     out.flush()
-    line = inp.readline()
+    try:
+        line = _utf8(inp.readline())
+    except UnicodeDecodeError as e:
+        raise _not_utf8(e) from None
     if not line:
         return None
     line = line.rstrip("\r\n")
@@ -263,7 +284,10 @@ def run_chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None
     interactive = cfg.interactive or (not cfg.prompt and stdin.isatty())
     question = cfg.prompt
     if not interactive and not question:
-        question = stdin.read().strip()
+        try:
+            question = _utf8(stdin.read()).strip()
+        except UnicodeDecodeError as e:
+            raise _not_utf8(e) from None
         if not question:
             raise UserError("no question: standard input was empty (give --prompt TEXT, or run in a terminal, "
                             "or with --interactive, to chat)")

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -92,7 +93,7 @@ def _type_name(tp) -> str:
         return f"a mapping of {_type_name(k)} to {_type_name(v)}"
     if tp is type(None):
         return "null"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    return {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
 class _Mismatch(Exception):
@@ -160,13 +161,14 @@ def _coerce(value, tp):
     if tp is float:
         if isinstance(value, bool):
             raise _Mismatch
-        if isinstance(value, (int, float)):
-            return float(value)
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError as e:
                 raise _Mismatch from e
+        # nan and inf (.nan, .inf in YAML) pass every `> 0` check yet break training in silence
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
         raise _Mismatch
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

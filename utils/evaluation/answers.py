@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils.core.artifacts import read_log
 from utils.core.config import UserError
 from utils.evaluation.config import EvalConfig
 from utils.models.loading import load_for_inference
@@ -101,22 +102,9 @@ class AnswerCache:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.name)
         self.path = Path(cache_dir) / "answers" / f"{slug}-{self.tag}.jsonl"
         self.entries: dict[str, str] = {}
-        if self.path.is_file():
-            raw = self.path.read_bytes()
-            if raw and not raw.endswith(b"\n"):
-                # a write cut short: drop the partial line, or the next append would run into it
-                raw = raw[:raw.rfind(b"\n") + 1]
-                self.path.write_bytes(raw)
-                log.warning("%s: dropped a partial last line (an interrupted write)", self.path)
-            bad = 0
-            for line in raw.decode("utf-8", errors="replace").splitlines():
-                try:
-                    e = json.loads(line)
-                    self.entries[e["key"]] = e["completion"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    bad += 1
-            if bad:
-                log.warning("%s: %d unreadable line(s) ignored; those answers are generated again", self.path, bad)
+        for e in read_log(self.path):  # a torn last line (an interrupted run) is dropped and generated again
+            if isinstance(e.get("key"), str) and isinstance(e.get("completion"), str):
+                self.entries[e["key"]] = e["completion"]
 
     def key(self, row: dict, prompt: list[dict]) -> str:
         return _sha([self.tag, row["id"], prompt])[:24]

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 TASK_METRICS = ["rouge", "bleu1", "meteor", "semantic", "yesno", "terms", "numbers", "total", "judge"]
 GROUP_TITLES = {"overlap": "Overlap with the reference (the benchmark's metrics)",
                 "clinical": "Clinical content", "form": "Form, preference and length"}
+# What a report folder written before the completion marker existed holds (it may be replaced too).
+REPORT_FILES = ("report.md", "metrics.json", "eval_config.yaml")
 ANSWER_CHARS = 1500  # longer answers are cut in the report (answers.jsonl keeps them whole)
 
 
@@ -553,14 +555,14 @@ def _no_curves_note(s: ModelSpec) -> str:
 def write_report(result: EvalResult, out: Path) -> Path:
     """Write the report folder through a temporary sibling renamed into place, so a failure midway
     leaves the previous report (or none), never half of one."""
+    from utils.core.artifacts import atomic_save, check_replaceable
     from utils.core.config import dump_yaml
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "plots").mkdir(parents=True)
-    try:
+    check_replaceable(out, "out_dir / run_name", legacy=REPORT_FILES)  # before any work
+
+    def write(tmp: Path) -> None:
+        (tmp / "plots").mkdir(parents=True)
         plots = {}
         for key, fn in (("by_model", plot_metrics_by_model), ("by_task", plot_metrics_by_task),
                         ("lengths", plot_lengths)):
@@ -596,13 +598,11 @@ def write_report(result: EvalResult, out: Path) -> Path:
                                                             if s.name in result.judge_replies else {})}
                                                 for s in result.models}}, ensure_ascii=False) + "\n")
         dump_yaml(result.cfg, tmp / "eval_config.yaml")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+
+    try:
+        atomic_save(out, write, "out_dir / run_name", legacy=REPORT_FILES)
+    finally:
+        # a failed write leaves nothing half-written (only this process's temporary folder is ours)
+        shutil.rmtree(out.with_name(f"{out.name}.tmp-{os.getpid()}"), ignore_errors=True)
     log.info("report: %s", out / "report.html")
     return out

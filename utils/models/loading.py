@@ -99,11 +99,7 @@ def load_model(ref: str, base_model: str | None = None, *, head: str = "causal",
     if adapter not in ADAPTER_MODES:
         raise ValueError(f"adapter {adapter!r}: expected one of {', '.join(ADAPTER_MODES)}")
     path = resolve_model(ref, base_model)
-    try:
-        base = adapter_base(path) if Path(path).is_dir() else None
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelNotFound(f"{Path(path) / 'adapter_config.json'}: not a readable adapter config "
-                            f"({type(e).__name__}: {e}); expected the JSON that PEFT writes") from None
+    base = adapter_base(path) if Path(path).is_dir() else None
     if base is not None and adapter == "merge" and quantization is not None:
         raise ModelNotFound(f"{ref}: an adapter cannot be merged into a quantized base; load it with "
                             "adapter='keep' or 'train', or without quantization")

@@ -141,8 +141,50 @@ def resolve_model(ref: str, base_model: str | None = None) -> str:
 
 
 def adapter_base(folder: str) -> str | None:
-    """The base model a PEFT adapter folder was trained on, or None for a full model."""
+    """The base model a PEFT adapter folder was trained on, or None for a full model; one line naming the
+    file when its adapter_config.json is not the JSON PEFT writes."""
     cfg = Path(folder) / "adapter_config.json"
     if not cfg.is_file():
         return None
-    return json.loads(cfg.read_text())["base_model_name_or_path"]
+    try:
+        base = json.loads(cfg.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (KeyError, TypeError):
+        raise ModelNotFound(f"{cfg}: no base_model_name_or_path; expected the JSON that PEFT's save_pretrained "
+                            "writes, naming the adapter's base model") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelNotFound(f"{cfg}: not a readable PEFT adapter config ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0]}); expected the JSON that PEFT's save_pretrained writes") from None
+    if not isinstance(base, str) or not base:
+        raise ModelNotFound(f"{cfg}: base_model_name_or_path is {base!r}; expected the base model's folder or Hub id")
+    return base
+
+
+def model_identity(path: str) -> dict:
+    """What a resolved model is, by content: for a local folder the sha256 of its config and weight files
+    (an adapter's also names its base's identity); for a Hub id, the id and the commit of the cached
+    snapshot when there is one. Paths are left out, so a moved folder keeps its identity."""
+    from utils.core.fingerprint import file_sha256
+
+    folder = Path(path)
+    if folder.is_dir():
+        names = ("config.json", "adapter_config.json", "generation_config.json")
+        files = sorted(f for f in folder.iterdir()
+                       if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name in names))
+        out: dict = {"files": {f.name: file_sha256(f) for f in files}}
+        base = adapter_base(str(folder))
+        if base is not None:
+            try:
+                out["base"] = model_identity(resolve_model(base))
+            except ModelNotFound:
+                out["base"] = {"ref": base, "not_found_here": True}
+        return out
+    out = {"hub_id": path}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+        if isinstance(cached, str):
+            out["revision"] = Path(cached).parent.name  # .../snapshots/<commit>/config.json
+    except Exception:  # noqa: BLE001 - an unreadable cache only leaves the revision out
+        pass
+    return out

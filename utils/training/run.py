@@ -10,31 +10,41 @@ import dataclasses
 import json
 import logging
 import resource
-import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
-from utils.core.artifacts import METRICS_FILE, TRAIN_CONFIG, checkpoints
+from utils.core.artifacts import FINGERPRINT, METRICS_FILE, TRAIN_CONFIG, checkpoints
 from utils.core.config import UserError, dump_yaml, to_dict
+from utils.core.fingerprint import differences
 from utils.training.config import TrainConfig, precision_flags
 
 log = logging.getLogger(__name__)
 
 
-RUN_CONFIG = "run_config.yaml"      # in the run folder: what the checkpoints there were trained with
+RUN_CONFIG = "run_config.yaml"  # in the run folder: the resolved config of the run its checkpoints belong to
+RUN_RECORD = "run.json"          # in the run folder: that run's fingerprint, start and end
+PREVIOUS = "previous-"            # run folders' old runs are moved into previous-<time>/, never deleted
+
+# Config keys that may change between a run and its resumption without making the checkpoints stale (where
+# things are written or logged, not what is computed). The data's content is fingerprinted by its hashes.
+RESUME_NEUTRAL = {"resume", "merge", "output_dir", "run_dir", "data_dir", "report_to", "wandb_project", "run_name",
+                  "logging_steps", "save_steps", "save_total_limit", "eval_steps", "num_threads", "eval_on_start",
+                  "time_limit_minutes", "sample_steps", "samples_to_log",  # the last three: GRPO's
+                  "dry_run", "world_size", "zero_stage"}
 
 
-# Keys that may change between a run and its resumption without making the checkpoints stale.
-RESUME_NEUTRAL = {"resume", "merge", "output_dir", "report_to", "wandb_project", "run_name", "logging_steps",
-                  "save_steps", "save_total_limit", "eval_steps", "num_threads", "eval_on_start",
-                  "time_limit_minutes", "sample_steps", "samples_to_log"}  # the last three: GRPO's
-
-
-def _fingerprint(cfg) -> dict:
+def _config_fingerprint(cfg) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k not in RESUME_NEUTRAL}
+
+
+@dataclasses.dataclass
+class Run:
+    """A training run: the checkpoint it resumes from (None: a fresh start) and its fingerprint."""
+
+    checkpoint: str | None
+    fingerprint: dict
 
 
 def output_dir(cfg: TrainConfig) -> Path:
@@ -50,27 +60,68 @@ def with_output_dir(cfg: TrainConfig) -> TrainConfig:
     return cfg if cfg.output_dir else dataclasses.replace(cfg, output_dir=str(output_dir(cfg)))
 
 
-def start_run(cfg: TrainConfig, on_start: Callable[[str | None], None] | None = None) -> str | None:
-    """Settle the run folder and return the checkpoint to resume from (:func:`resume_checkpoint`).
+def data_hashes(data_dir: str | Path, splits: list[str]) -> dict[str, str]:
+    """The sha256 of each split file read, checked against the data card that prepare_data.py wrote
+    (:func:`utils.data.card.verify_splits`): a split rewritten or half-written since then stops the run
+    with one line. A folder without a data card (files made by hand) is hashed as it is, with a warning."""
+    from utils.core.fingerprint import file_sha256
+    from utils.data.card import CARD_FILE, verify_splits
 
-    The main process goes first and alone writes (old checkpoints removed, ``run_config.yaml``, and
+    if (Path(data_dir) / CARD_FILE).is_file():
+        return verify_splits(data_dir, splits)
+    log.warning("%s has no data card (not written by prepare_data.py): its files are fingerprinted as they are, "
+                "not checked", data_dir)
+    return {s: file_sha256(Path(data_dir) / f"{s}.jsonl") for s in splits if (Path(data_dir) / f"{s}.jsonl").is_file()}
+
+
+def fingerprint(cfg: TrainConfig, data: dict[str, str], model_ref: str | None = None,
+                other_models: dict[str, str | None] | None = None) -> dict:
+    """What makes this run: the config (apart from :data:`RESUME_NEUTRAL`), the hash of each data split
+    read, the identity of the model it starts from (its files' hashes) and of ``other_models`` it uses (a
+    reward model), the package and code versions."""
+    from utils.core.fingerprint import code_version, package_versions
+    from utils.models.resolve import model_identity, resolve_model
+
+    out = {"config": _config_fingerprint(cfg), "data": data}
+    if model_ref is not None:
+        out["model"] = model_identity(resolve_model(model_ref, cfg.base_model))
+    for name, ref in (other_models or {}).items():
+        if ref:
+            out[name] = model_identity(resolve_model(ref, cfg.base_model))
+    out.update(packages=package_versions(), code=code_version())
+    return out
+
+
+def start_run(cfg: TrainConfig, data: dict[str, str] | None = None, model_ref: str | None = None,
+              on_start: Callable[[str | None], None] | None = None,
+              other_models: dict[str, str | None] | None = None) -> Run:
+    """Settle the run folder and pick the checkpoint to resume from (:func:`resume_checkpoint`), for the
+    run fingerprinted by ``data`` (split hashes, :func:`data_hashes`) and ``model_ref`` (the model it
+    starts from).
+
+    The main process goes first and alone writes (an old run moved aside, the run record, and
     ``on_start(checkpoint)``, e.g. GRPO trimming its logs); the other processes of a distributed run then
     read the folder it settled, so every process resumes from the same checkpoint."""
     from accelerate import PartialState
 
+    from utils.core.artifacts import check_replaceable
+
+    check_replaceable(output_dir(cfg))  # before hours of training, not at the save
+    fp = fingerprint(cfg, data or {}, model_ref, other_models)
     state = PartialState()
     with state.main_process_first():
-        ckpt = resume_checkpoint(cfg, write=state.is_main_process)
+        ckpt = resume_checkpoint(cfg, write=state.is_main_process, fingerprint=fp)
         if on_start is not None and state.is_main_process:
             on_start(ckpt)
-    return ckpt
+    return Run(ckpt, fp)
 
 
-def finish_run(trainer, cfg: TrainConfig, metrics: dict, card: str, base_ref: str | None = None) -> Path | None:
+def finish_run(trainer, cfg: TrainConfig, run: Run, metrics: dict, card: str,
+               base_ref: str | None = None) -> Path | None:
     """Save the finished model once, for every trainer and every launch: under DeepSpeed ZeRO-3 the
     weights are first gathered from all processes in 16 bits (as the Trainer does when it saves), then the
-    main process alone writes and merges (:func:`save_final`) while the others wait. Returns the folder on
-    the main process, None elsewhere."""
+    main process alone writes and merges (:func:`save_final`, with the run's fingerprint) and marks the
+    run finished while the others wait. Returns the folder on the main process, None elsewhere."""
     acc = trainer.accelerator
     state_dict = None
     if getattr(acc.state, "deepspeed_plugin", None) is not None and acc.state.deepspeed_plugin.zero_stage == 3:
@@ -78,24 +129,77 @@ def finish_run(trainer, cfg: TrainConfig, metrics: dict, card: str, base_ref: st
     out = None
     if acc.is_main_process:
         out = save_final(acc.unwrap_model(trainer.model), trainer.processing_class, cfg, metrics, card, base_ref,
-                         state_dict=state_dict)
+                         state_dict=state_dict, fingerprint=run.fingerprint)
+        mark_finished(cfg.run_dir, out)
     acc.wait_for_everyone()
     return out
 
 
-def resume_checkpoint(cfg: TrainConfig, write: bool = True) -> str | None:
-    """The checkpoint to continue from, per ``cfg.resume``, after preparing the run folder.
+def _read_record(run_dir: Path) -> dict | None:
+    path = run_dir / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        log.warning("%s is unreadable (a write was interrupted); its run is treated as another run", path)
+        return None
+    return record if isinstance(record, dict) else None
 
-    * ``auto``: the last complete checkpoint when the run folder's config matches this one (apart from
-      logging and output keys); otherwise start afresh.
-    * ``never``: start afresh.
-    * a folder: that checkpoint (it must be complete).
 
-    Starting afresh removes the run folder's old checkpoints, so that the Trainer's rotation never mixes
-    two runs. The current config is written to the run folder for the next resumption to compare with.
-    With ``write=False`` (the other processes of a distributed run) nothing is removed or written.
+def mark_finished(run_dir: str | Path, output: Path | None) -> None:
+    """Record in the run folder that its run ended with a saved model: running the same command again then
+    starts a fresh run (the finished one moved aside) instead of "resuming" it."""
+    run_dir = Path(run_dir)
+    record = _read_record(run_dir) or {}
+    record.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), output_dir=str(output) if output else None)
+    _write_json(run_dir / RUN_RECORD, record)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+    tmp.replace(path)  # atomic: a kill leaves the old record or the new one, never half of one
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Move everything in ``run_dir`` (checkpoints, logs, records; not earlier ``previous-*`` folders) into
+    ``run_dir/previous-<time>/``; nothing is deleted. Returns that folder, or None when there was nothing."""
+    if not run_dir.is_dir():
+        return None
+    items = [p for p in run_dir.iterdir() if not p.name.startswith(PREVIOUS)]
+    if not items:
+        return None
+    dest = run_dir / f"{PREVIOUS}{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run_dir / f"{PREVIOUS}{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    dest.mkdir()
+    for p in items:
+        p.rename(dest / p.name)
+    return dest
+
+
+def resume_checkpoint(cfg: TrainConfig, write: bool = True, fingerprint: dict | None = None) -> str | None:
+    """The checkpoint to continue from, per ``cfg.resume``, after settling the run folder.
+
+    * ``auto``: the last complete checkpoint of the run folder when its run is unfinished and has the same
+      fingerprint as this one (``fingerprint``; by default the config alone). Otherwise a fresh run, with a
+      line naming what differs (or that the run had finished) and how to continue the old one anyway.
+    * ``never``: a fresh run.
+    * a checkpoint folder: that checkpoint (it must be complete), whatever made it (a warning names what
+      differs).
+
+    A fresh run first moves whatever the run folder holds into ``previous-<time>/`` (:func:`move_aside`):
+    the Trainer's checkpoint rotation then never mixes two runs, and nothing is lost. The run record
+    (``run.json``: the fingerprint) and the resolved config (``run_config.yaml``) are written for the next
+    resumption to compare with. With ``write=False`` (the other processes of a distributed run) nothing is
+    moved or written.
     """
     run_dir = Path(cfg.run_dir)
+    fp = fingerprint if fingerprint is not None else {"config": _config_fingerprint(cfg)}
+    record = _read_record(run_dir)
     chosen: str | None = None
     if cfg.resume not in ("auto", "never"):
         path = Path(cfg.resume)
@@ -104,31 +208,42 @@ def resume_checkpoint(cfg: TrainConfig, write: bool = True) -> str | None:
         if not (path / "trainer_state.json").is_file():
             raise UserError(f"resume: {path} is not a complete checkpoint (no trainer_state.json)")
         chosen = str(path)
+        if record and record.get("fingerprint") and path.resolve().parent == run_dir.resolve():
+            changed = differences(record["fingerprint"], fp)
+            if changed and write:
+                log.warning("resume: %s continues a run made with other %s, as asked", path, _describe(changed))
     elif cfg.resume == "auto":
         found = checkpoints(run_dir)
-        if found:
-            saved = run_dir / RUN_CONFIG
-            old = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else None
-            if old is not None and {k: v for k, v in old.items() if k not in RESUME_NEUTRAL} == _fingerprint(cfg):
+        if found and record is not None and record.get("finished"):
+            if write:
+                log.info("%s: its run finished (%s) and saved %s; starting a fresh run", run_dir, record["finished"],
+                         record.get("output_dir"))
+        elif found:
+            changed = differences(record.get("fingerprint", {}), fp) if record else ["the run record (run.json)"]
+            if not changed:
                 chosen = str(found[-1])
-            else:
-                changed = sorted(k for k in _fingerprint(cfg) if old is None or old.get(k) != getattr(cfg, k))
-                log.warning("%s: the checkpoints there were made with other settings (%s); starting afresh "
-                            "(pass --resume %s to continue anyway)", run_dir, ", ".join(changed[:5]) or "unknown",
-                            found[-1])
+            elif write:
+                log.warning("%s: its checkpoints belong to another run (%s); starting a fresh run and moving them "
+                            "aside (to continue that run anyway: --resume %s)", run_dir, _describe(changed), found[-1])
     if not write:
         return chosen
     if chosen is None:
-        stale = [p for p in run_dir.glob("checkpoint-*") if p.is_dir()] if run_dir.is_dir() else []
-        if stale:
-            log.info("removing %d old checkpoint(s) from %s", len(stale), run_dir)
-            for p in stale:
-                shutil.rmtree(p)
+        moved = move_aside(run_dir)
+        if moved is not None:
+            log.info("the run folder's earlier contents are in %s", moved)
     else:
         log.info("resuming from %s", chosen)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if chosen is None or record is None:
+        record = {"fingerprint": fp, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None}
+    _write_json(run_dir / RUN_RECORD, record)
     dump_yaml(cfg, run_dir / RUN_CONFIG)
     return chosen
+
+
+def _describe(changed: list[str]) -> str:
+    shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+    return f"settings: {shown}"
 
 
 # ============================================================================= final save
@@ -156,7 +271,7 @@ def training_metrics(trainer, extra: dict | None = None) -> dict:
 
 
 def save_final(model, tokenizer, cfg: TrainConfig, metrics: dict, card: str, base_ref: str | None = None,
-               state_dict: dict | None = None) -> Path:
+               state_dict: dict | None = None, fingerprint: dict | None = None) -> Path:
     """Write ``cfg.output_dir``: weights (the adapter, or the full model), tokenizer, ``train_config.yaml``,
     ``metrics.json``, ``README.md``; with ``cfg.merge`` also ``merged/`` (the adapter merged into a fresh copy
     of its base, in the training dtype). Everything goes to a temporary sibling first and is renamed into
@@ -170,6 +285,8 @@ def save_final(model, tokenizer, cfg: TrainConfig, metrics: dict, card: str, bas
         dump_yaml(cfg, tmp / TRAIN_CONFIG)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        if fingerprint is not None:
+            (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, default=str), encoding="utf-8")
         if cfg.merge and cfg.adapter == "lora":
             merged = tmp / "merged"
             _merge_into_base(tmp, merged, base_ref or cfg.base_model, cfg)

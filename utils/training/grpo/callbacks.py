@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from utils.core.artifacts import read_log
 from utils.rewards.rules import completion_text
 from utils.training.grpo.config import GRPOTrainConfig
 from utils.training.grpo.trainer import merged_adapter
@@ -225,7 +226,4 @@ def heldout_summary(history: list[dict]) -> dict:
 
 
 def _read_heldout(run_dir: str) -> list[dict]:
-    path = Path(run_dir) / HELDOUT_LOG
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_log(Path(run_dir) / HELDOUT_LOG)

@@ -14,6 +14,7 @@ from utils.core.config import fld, non_negative, positive
 from utils.data.formats import with_format_instructions
 from utils.data.raw import TASKS
 from utils.data.rows import DataError, read_split
+from utils.models.special_tokens import escape_messages
 from utils.rewards.mix import RewardMix
 from utils.training.config import TrainConfig
 
@@ -126,7 +127,10 @@ class GRPOTrainConfig(TrainConfig, RewardMix):
 # ============================================================================= prompts
 def load_prompts(cfg: GRPOTrainConfig, split: str, limit: int = 0) -> list[dict]:
     """Rows of ``grpo/<split>.jsonl``, checked, filtered by task, subsampled (seeded), with the answer
-    format's instruction in the system prompt (as SFT trained it)."""
+    format's instruction in the system prompt (as SFT trained it) and special-token strings in the prompt
+    escaped. TRL tokenises this prompt column itself, and the policy's tokenizer is not loaded yet, so the
+    escape here is the tokenizer-free ``<|name|>`` shape (every special token of Llama 3 and ChatML's turn
+    tokens); the held-out generation escapes again with the tokenizer (utils.models.special_tokens)."""
     path = Path(cfg.data_dir) / "grpo" / f"{split}.jsonl"
     rows = read_split(cfg.data_dir, f"grpo/{split}")
     if cfg.tasks:
@@ -135,7 +139,7 @@ def load_prompts(cfg: GRPOTrainConfig, split: str, limit: int = 0) -> list[dict]
         raise DataError(f"{path}: no prompts left" + (f" for tasks {cfg.tasks}" if cfg.tasks else ""))
     if limit and len(rows) > limit:
         rows = random.Random(cfg.seed).sample(rows, limit)
-    return [{**r, "prompt": with_format_instructions(r["prompt"], cfg.answer_format)} for r in rows]
+    return [{**r, "prompt": escape_messages(with_format_instructions(r["prompt"], cfg.answer_format))} for r in rows]
 
 
 def heldout_rows(cfg: GRPOTrainConfig) -> list[dict]:

@@ -1,0 +1,103 @@
+"""Test items against each model's training data: evaluation refuses to score a model on questions it was
+trained on.
+
+A model folder made by a training phase records, in ``fingerprint.json``, the sha256 of every split it read
+and, in ``train_config.yaml``, the folder they came from. When the test set belongs to the same prepared
+folder (same data card, same train split hashes), the split is leak-free by construction (prepare keeps
+near-duplicates on one side). Otherwise (data prepared again with other settings, a test file from
+elsewhere), the model's training rows are read and compared with the test items by id and by the text the
+model is shown; any overlap stops the evaluation with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from utils.core.artifacts import FINGERPRINT, read_train_config
+from utils.core.config import UserError
+from utils.core.fingerprint import file_sha256
+
+log = logging.getLogger(__name__)
+
+_SPACE = re.compile(r"\s+")
+
+
+def _user_text(messages) -> str:
+    """The user turns of a conversation, whitespace-normalised: what identifies an item to the model."""
+    if not isinstance(messages, list):
+        return ""
+    return _SPACE.sub(" ", " ".join(m.get("content", "") for m in messages
+                                    if isinstance(m, dict) and m.get("role") == "user")).strip().lower()
+
+
+def _item_keys(row: dict) -> tuple[str | None, str]:
+    msgs = row.get("prompt") or row.get("messages") or []
+    return row.get("id"), _user_text(msgs)
+
+
+def training_splits(model_dir: str | Path) -> tuple[Path | None, dict[str, str]]:
+    """``(data_dir, {split: sha256})`` of the training splits (``*/train``) a model folder records, or
+    ``(None, {})`` for a model that records none (the base model, a download)."""
+    fp_path = Path(model_dir) / FINGERPRINT
+    if not fp_path.is_file():
+        return None, {}
+    try:
+        data = json.loads(fp_path.read_text(encoding="utf-8")).get("data") or {}
+    except ValueError:
+        raise UserError(f"{fp_path}: unreadable JSON; expected the fingerprint a training phase writes (run that "
+                        "phase again)") from None
+    trained = read_train_config(model_dir) or {}
+    data_dir = Path(trained["data_dir"]) if isinstance(trained.get("data_dir"), str) else None
+    return data_dir, {s: h for s, h in data.items() if s.endswith("/train")}
+
+
+def check_test_items(model_name: str, model_dir: str | Path, rows: list[dict], test_file: str | Path | None) -> str | None:
+    """Refuse (one line) when test ``rows`` overlap the training data of the model at ``model_dir``. Returns
+    a note for the report when the overlap could not be checked (the training files are gone or changed),
+    else None."""
+    data_dir, splits = training_splits(model_dir)
+    if not splits:
+        return None
+    if test_file is not None and data_dir is not None and Path(test_file).parent.parent.resolve() == data_dir.resolve():
+        current = {s: file_sha256(data_dir / f"{s}.jsonl") for s in splits if (data_dir / f"{s}.jsonl").is_file()}
+        if current == splits:
+            return None  # the same prepared folder the model trained on: train and test are disjoint by construction
+    checked = []
+    ids, texts = {}, {}
+    for i, row in enumerate(rows):
+        item_id, text = _item_keys(row)
+        if item_id:
+            ids[item_id] = i
+        if text:
+            texts[text] = i
+    for split, sha in splits.items():
+        path = (data_dir / f"{split}.jsonl") if data_dir is not None else None
+        if path is None or not path.is_file() or file_sha256(path) != sha:
+            continue
+        checked.append(split)
+        overlap = 0
+        example = None
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                train_id, text = _item_keys(json.loads(line))
+                hit = ids.get(train_id) if train_id else None
+                hit = hit if hit is not None else texts.get(text) if text else None
+                if hit is not None:
+                    overlap += 1
+                    example = example or rows[hit].get("id")
+        if overlap:
+            raise UserError(f"{model_name}: {overlap} test item(s) (e.g. {example}) are in its training data {path}; "
+                            "evaluate on the test split prepared together with that data, or retrain the model on "
+                            "the current data")
+    if len(checked) < len(splits):
+        missing = ", ".join(s for s in splits if s not in checked)
+        note = (f"{model_name}: its training data ({missing} under {data_dir}) is gone or changed since it trained, so "
+                "the test items could not be checked against it")
+        log.warning("%s", note)
+        return note
+    return None
