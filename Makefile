@@ -1,4 +1,6 @@
-# make setup   create .venv and install everything (idempotent)
+# make setup      create .venv and install everything (again when requirements*.txt or pyproject.toml change)
+# make reinstall  install everything again (e.g. after changing TORCH_SPEC)
+# make setup-gpu  on a CUDA machine: setup plus the pinned GPU extras (vLLM, DeepSpeed, Liger)
 # make test    run the whole test suite (what CI runs)
 # make demo    run the whole pipeline on the CPU recipe
 VENV ?= .venv
@@ -11,14 +13,25 @@ RAW_DIR ?=
 REDO ?=
 export ECG_RAW_DIR ?= $(if $(wildcard data/raw/ECG-Expert-QA),data/raw/ECG-Expert-QA,../shared/ECG-Expert-QA)
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup reinstall setup-gpu test test-fast demo clean
 setup: $(VENV)/.setup-done
+
+reinstall:
+	rm -f $(VENV)/.setup-done $(VENV)/.setup-gpu-done
+	$(MAKE) setup
+
+setup-gpu: $(VENV)/.setup-gpu-done
+
+$(VENV)/.setup-gpu-done: $(VENV)/.setup-done requirements-gpu.txt
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements-gpu.txt
+	touch $@
 
 $(VENV)/.setup-done: requirements.txt requirements-offline.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -r requirements.txt
+	# DS_BUILD_OPS=0: DeepSpeed builds its C++/CUDA ops on first use, not at install
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
 	# the library as an editable package: scripts, tests and notebooks import `utils` the same way
 	$(PY) -m pip install -q --no-deps -e .

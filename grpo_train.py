@@ -23,10 +23,14 @@ import sys
 from utils.core.cli import run
 from utils.core.runtime import configure_process
 from utils.training.grpo.config import GRPOTrainConfig
-from utils.training.grpo.run import run_grpo
+from utils.training.grpo.run import dry_run_plan, run_grpo
+from utils.training.plan import format_plan
 
 
 def main(config: GRPOTrainConfig):
+    if config.dry_run:
+        print(format_plan(dry_run_plan(config)))
+        return
     run_grpo(config)
 
 

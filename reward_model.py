@@ -24,10 +24,14 @@ import sys
 from utils.core.cli import run
 from utils.core.runtime import configure_process
 from utils.rewards.audit import audit_table, run_audit, run_terms, score_file
-from utils.training.reward_model import SUBCOMMANDS, RewardModelConfig, train_reward_model
+from utils.training.plan import format_plan
+from utils.training.reward_model import SUBCOMMANDS, RewardModelConfig, dry_run_plan, train_reward_model
 
 
 def main(config: RewardModelConfig):
+    if config.dry_run:
+        print(format_plan(dry_run_plan(config)))
+        return
     metrics = train_reward_model(config)
     acc = metrics["test_accuracy"]
     print("held-out pairwise accuracy (test split):")

@@ -17,10 +17,14 @@ import sys
 
 from utils.core.cli import run
 from utils.core.runtime import configure_process
-from utils.training.sft import SFTTrainConfig, run_sft
+from utils.training.plan import format_plan
+from utils.training.sft import SFTTrainConfig, dry_run_plan, run_sft
 
 
 def main(config: SFTTrainConfig):
+    if config.dry_run:
+        print(format_plan(dry_run_plan(config)))
+        return
     run_sft(config)
 
 

@@ -125,3 +125,16 @@ def test_the_package_is_installed_from_this_checkout():
                        capture_output=True, text=True)
     assert r.returncode == 0, "utils is not installed in this environment: run `make setup` (pip install -e .)"
     assert Path(r.stdout.strip()).resolve() == (ROOT / "utils" / "__init__.py").resolve()
+
+
+def test_readme_is_a_guide():
+    """The README stays a guide (history lives in docs/EXPERIMENTS.md): at most 15,000 characters, the two
+    commands first, the phases in the scripts' numbering."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text) <= 15000, f"README.md has {len(text)} characters; move history to docs/EXPERIMENTS.md"
+    first_block = text.split("```")[1]
+    assert "make demo" in first_block and "make test" in first_block
+    for n, script in enumerate(PHASE_SCRIPTS, 1):
+        assert f"## Phase {n}:" in text, f"README has no 'Phase {n}' section for {script}"
+    for doc in ("docs/ARCHITECTURE.md", "docs/EXPERIMENTS.md"):
+        assert (ROOT / doc).is_file() and doc in text

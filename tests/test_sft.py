@@ -147,7 +147,7 @@ def test_help_runs():
 
 @pytest.mark.parametrize("flags, words", [
     (["--lora-r", "0"], "lora_r"), (["--learning-rate", "-0.001"], "learning_rate"),
-    (["--batch-size", "6", "--per-device-batch-size", "4"], "not a multiple of per_device_batch_size"),
+    (["--batch-size", "6", "--world-size", "4", "--dry-run"], "cannot be split evenly over 4 processes"),
 ])
 def test_out_of_range_flags_fail_with_one_line(flags, words):
     r = run_script("--config", "configs/cpu/sft.yaml", *flags)

@@ -64,7 +64,7 @@ class TrainConfig:
                              choices=list(FORMATS))
     # ---- optimisation
     seed: int = fld(42, "Seed for adapter initialisation, data order and dropout.")
-    learning_rate: float = fld(2e-4, "Peak learning rate.", check=(positive, "a number > 0"))
+    learning_rate: float = fld(2e-4, "Peak learning rate.", check=(lambda x: 0 < x < 1, "a number in (0, 1)"))
     lr_scheduler: str = fld("cosine", "Learning-rate schedule after warm-up.",
                             choices=["linear", "cosine", "constant", "constant_with_warmup"])
     warmup_ratio: float = fld(0.05, "Share of the steps spent warming the learning rate up.",
@@ -75,10 +75,12 @@ class TrainConfig:
                         check=(positive, "a number > 0"))
     max_steps: int = fld(-1, "Optimizer steps to train; -1: as many as `epochs` take.",
                          check=(lambda x: x == -1 or x > 0, "-1 or an integer > 0"))
-    batch_size: int = fld(16, "Examples per optimizer step, over all devices (the effective batch).",
+    batch_size: int = fld(16, "Examples per optimizer step, over all devices (the effective batch); the per-device "
+                          "batch and gradient accumulation are derived from it for the processes of the launch.",
                           check=(positive, "an integer > 0"))
-    per_device_batch_size: int = fld(4, "Examples per forward pass on one device; batch_size / (this x devices) "
-                                     "is the gradient accumulation.", check=(positive, "an integer > 0"))
+    per_device_batch_size: int = fld(4, "Most examples per forward pass on one device (a memory limit): the largest "
+                                     "per-device batch up to this that divides batch_size / processes is used, the "
+                                     "rest is gradient accumulation.", check=(positive, "an integer > 0"))
     eval_batch_size: int = fld(0, "Examples per evaluation forward pass; 0: per_device_batch_size.",
                                check=(non_negative, "an integer >= 0"))
     gradient_checkpointing: bool = fld(False, "Recompute activations in the backward pass: less memory, ~20-30% "
@@ -99,20 +101,26 @@ class TrainConfig:
     # ---- folders, resume, final save
     run_dir: str = fld("runs/train", "Checkpoints and TensorBoard logs of the run.")
     output_dir: str = fld("models/train", "The finished model folder.")
-    resume: str = fld("auto", "auto: continue from the run folder's last checkpoint when it was made with the same "
-                      "settings; never: start afresh (old checkpoints are removed); or a checkpoint folder. "
+    resume: str = fld("auto", "auto: continue the run folder's last checkpoint when the same run made it (same "
+                      "config, data, model, code); never: start afresh (an old run is moved to previous-<time>/, "
+                      "nothing is deleted); or a checkpoint folder. "
                       "`--resume` alone means auto.", check=(_resume_value, "auto, never or a checkpoint folder"),
                       const="auto")
     merge: bool = fld(False, "Also write the adapter merged into the base (output_dir/merged): a plain model that "
                       "loads and generates faster.")
     trainer_extra: dict[str, Any] = fld(help="Extra keys passed as they are to the TRL config (checked against its "
                                         "field names at load).", default_factory=dict)
+    # ---- planning a launch
+    dry_run: bool = fld(False, "Check the config, print the launch plan (per-device batch, accumulation, steps, "
+                        "tokens per step, GPU memory per device) and exit: no weights loaded, no GPU needed.")
+    world_size: int = fld(0, "Processes to plan the batch layout for; 0: the launcher's WORLD_SIZE, else 1 (use it "
+                          "with --dry-run to check a multi-GPU launch on any machine).",
+                          check=(non_negative, "an integer >= 0"))
+    zero_stage: int = fld(-1, "With --dry-run: the DeepSpeed ZeRO stage of the launch (0: none, 2, 3); -1: the "
+                          "launcher's (accelerate sets it from configs/accelerate/zero*.yaml).",
+                          check=(lambda x: x in (-1, 0, 1, 2, 3), "-1, 0, 1, 2 or 3"))
 
     def __post_init__(self):
-        if self.batch_size % self.per_device_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of per_device_batch_size "
-                             f"{self.per_device_batch_size}; expected batch_size = per_device_batch_size x "
-                             "gradient accumulation steps")
         if self.quantization != "none" and self.adapter != "lora":
             raise ValueError(f"quantization {self.quantization} trains an adapter on a frozen quantized base; "
                              "expected adapter: lora")
@@ -141,18 +149,11 @@ def check_trainer_extra(extra: dict, trl_cls) -> None:
 
 
 # ============================================================================= precision, devices
-def world_size() -> int:
-    """Processes of this run (accelerate / torchrun set WORLD_SIZE; a plain `python` run is 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def gradient_accumulation(cfg: TrainConfig) -> int:
-    per_step = cfg.per_device_batch_size * world_size()
-    if cfg.batch_size % per_step:
-        raise UserError(f"batch_size {cfg.batch_size} is not a multiple of per_device_batch_size "
-                        f"{cfg.per_device_batch_size} x {world_size()} processes; change batch_size or "
-                        "per_device_batch_size")
-    return cfg.batch_size // per_step
+    """Passes per optimizer step on each process; checks early that the batch splits over the processes."""
+    from utils.training.plan import batch_layout
+
+    return batch_layout(cfg).accumulation
 
 
 def precision_flags(cfg: TrainConfig) -> tuple[bool, bool, str]:
@@ -220,13 +221,16 @@ def trl_args(cfg: TrainConfig, run_name: str, **phase_args):
             raise UserError("report_to: wandb needs the wandb package; run `pip install wandb` and `wandb login`, "
                             "or drop wandb from report_to")
         os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
+    from utils.training.plan import batch_layout
+
     cuda = has_cuda()
+    lay = batch_layout(cfg)
     kwargs: dict[str, Any] = dict(
         output_dir=cfg.run_dir, run_name=run_name, seed=cfg.seed, data_seed=cfg.seed,
         use_cpu=not cuda, bf16=bf16, fp16=fp16,
-        per_device_train_batch_size=cfg.per_device_batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size or cfg.per_device_batch_size,
-        gradient_accumulation_steps=gradient_accumulation(cfg),
+        per_device_train_batch_size=lay.per_device,
+        per_device_eval_batch_size=cfg.eval_batch_size or lay.per_device,
+        gradient_accumulation_steps=lay.accumulation,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=float(cfg.warmup_ratio),  # a float below 1 is a share of the steps
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
@@ -256,8 +260,13 @@ def load_for_training(cfg: TrainConfig, ref: str, *, head: str = "causal", adapt
     (QLoRA). An adapter folder is merged into its base (the phase then trains a fresh adapter on top)
     unless ``adapter="train"`` (that adapter is trained further). The config's own fresh LoRA adapter is
     added by the TRL trainer."""
+    from transformers import set_seed
+
     from utils.models.loading import load_model, load_tokenizer
 
+    # Seeded before loading: weights made at load time (a reward model's score head, layers a checkpoint
+    # lacks) are drawn then, before the Trainer seeds itself, and would differ from run to run.
+    set_seed(cfg.seed)
     _, _, dtype = precision_flags(cfg)
     tok = load_tokenizer(ref, cfg.base_model)
     model = load_model(ref, cfg.base_model, head=head, dtype=dtype, adapter=adapter,

@@ -9,6 +9,7 @@ import random
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from utils.core.config import fld, non_negative, positive
@@ -101,15 +102,27 @@ def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int) 
     Answers too close to their reference (ROUGE-L >= 0.6) are dropped: they are not worse."""
     if n <= 0 or not rows:
         return {}
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from utils.data.formats import parse
     from utils.models.generation import generate
     from utils.models.loading import load_for_inference
-    from utils.rewards.rules import parse, rouge_l
+    from utils.rewards.rules import rouge_l
 
     pick = random.Random(seed).sample(rows, min(n, len(rows)))
-    model, tok = load_for_inference(cfg.sample_model, cfg.base_model)
-    texts = generate(model, tok, [r["prompt"] for r in pick], max_new_tokens=cfg.sample_max_new_tokens,
-                     batch_size=cfg.score_batch_size, do_sample=True, temperature=1.0, top_p=0.95, seed=seed,
-                     progress=True)
+    # Each process samples its own share (every W-th item) and the shares are gathered: W times faster on W
+    # GPUs, and every process ends up with the same negatives (the same pairs to train on).
+    state = PartialState()
+    mine = list(range(state.process_index, len(pick), state.num_processes))
+    model, tok = load_for_inference(cfg.sample_model, cfg.base_model, device=str(state.device))
+    texts = generate(model, tok, [pick[i]["prompt"] for i in mine], max_new_tokens=cfg.sample_max_new_tokens,
+                     batch_size=cfg.score_batch_size, do_sample=True, temperature=1.0, top_p=0.95,
+                     seed=seed + state.process_index, progress=state.is_main_process)
+    del model
+    if state.num_processes > 1:
+        gathered = dict(gather_object(list(zip(mine, texts))))
+        texts = [gathered[i] for i in range(len(pick))]
     out = {}
     for r, t in zip(pick, texts):
         a = parse(t, cfg.answer_format).answer
@@ -212,12 +225,25 @@ def _pairs_dataset(tok, pairs: list[dict], cfg: RewardModelConfig):
     return Dataset.from_list(rows)
 
 
+def dry_run_plan(cfg: RewardModelConfig) -> dict:
+    """What ``reward_model.py train --dry-run`` prints (:func:`utils.training.plan.plan`): a pair is two
+    sequences of up to max_length tokens."""
+    from utils.training.plan import count_rows, plan
+
+    n = count_rows(Path(cfg.data_dir) / "grpo" / "train.jsonl")
+    if n:  # about one pair per negative type and item, capped
+        n = min(n * len(cfg.negatives), cfg.max_train_pairs or n * len(cfg.negatives))
+    extra = {"sampled_negatives": f"{cfg.sample_items} items from {cfg.sample_model}, shared across processes"
+             if "sampled" in cfg.negatives else "none"}
+    return plan(cfg, "reward_model.py train", cfg.base_model, 2 * cfg.max_length, n, "pairs", extra)
+
+
 def train_reward_model(cfg: RewardModelConfig) -> dict:
     """Build the pairs, train, measure held-out accuracy, save models/reward; return the metrics."""
     from trl import RewardTrainer
 
     from utils.training.config import gradient_accumulation, load_for_training, trl_args
-    from utils.training.run import finish_run, start_run, training_metrics, with_output_dir
+    from utils.training.run import data_hashes, finish_run, start_run, training_metrics, with_output_dir
 
     gradient_accumulation(cfg)
     set_threads(cfg.num_threads)
@@ -243,7 +269,9 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
 
     # base_model may be an adapter folder (e.g. sft): it is merged into its base before the fresh adapter.
     model, tok = load_for_training(cfg, cfg.base_model, head="seqcls", keep_layers=cfg.keep_layers)
-    ckpt = start_run(cfg)
+    run = start_run(cfg, data_hashes(cfg.data_dir, ["grpo/train", "grpo/validation", "eval/test"]), cfg.base_model,
+                    other_models={"sample_model": cfg.sample_model if "sampled" in cfg.negatives else None})
+    ckpt = run.checkpoint
     # Batches of similar lengths: a batch pads to its longest sequence, and answers range from one
     # sentence to a paragraph, so random batches spend ~40% of their compute on padding. The collator
     # ignores the "length" column, which therefore may stay in the dataset.
@@ -279,5 +307,5 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
         if vals:
             metrics[f"eval_{name}"] = vals
     cfg_out = with_output_dir(cfg)
-    finish_run(trainer, cfg_out, metrics, model_card(cfg_out, metrics))
+    finish_run(trainer, cfg_out, run, metrics, model_card(cfg_out, metrics))
     return metrics

@@ -36,6 +36,7 @@ from utils.data.formats import render, with_format_instructions
 from utils.data.raw import TASKS
 from utils.data.rows import DataError, read_split
 from utils.data.text import is_yes_no_question
+from utils.models.special_tokens import escape_messages
 from utils.training.config import (
     TrainConfig,
     gradient_accumulation,
@@ -44,6 +45,7 @@ from utils.training.config import (
     trl_args,
 )
 from utils.training.run import (
+    data_hashes,
     finish_run,
     output_dir,
     start_run,
@@ -131,10 +133,14 @@ def load_examples(cfg: SFTTrainConfig, split: str, limit: int) -> list[dict]:
     return [ex for r in rows for ex in expand_conversation(r, cfg.answer_format)]
 
 
-def to_dataset(examples: list[dict]):
+def to_dataset(examples: list[dict], tok=None):
+    """The examples as TRL's prompt/completion dataset. With ``tok``, special-token strings inside the
+    messages are escaped for that tokenizer (utils.models.special_tokens): SFTTrainer tokenises the
+    conversations itself, and a literal <|eot_id|> in an answer must not train an end of turn."""
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
+    return Dataset.from_list([{"prompt": escape_messages(e["prompt"], tok),
+                               "completion": escape_messages(e["completion"], tok)} for e in examples])
 
 
 # ============================================================================= the run
@@ -164,8 +170,8 @@ def build_trainer(cfg: SFTTrainConfig, train_examples: list[dict], eval_examples
     if eval_examples is None:
         args.eval_strategy = "no"
     return SFTTrainer(model=model, args=args, processing_class=tok, peft_config=lora_config(cfg),
-                      train_dataset=to_dataset(train_examples),
-                      eval_dataset=to_dataset(eval_examples) if eval_examples else None)
+                      train_dataset=to_dataset(train_examples, tok),
+                      eval_dataset=to_dataset(eval_examples, tok) if eval_examples else None)
 
 
 def model_card(cfg: SFTTrainConfig, metrics: dict, n_train: int, n_eval: int) -> str:
@@ -204,6 +210,16 @@ def model_card(cfg: SFTTrainConfig, metrics: dict, n_train: int, n_eval: int) ->
         "upstream repository states no license, so this model is for research within those terms.", ""])
 
 
+def dry_run_plan(cfg: SFTTrainConfig) -> dict:
+    """What ``sft_train.py --dry-run`` prints (:func:`utils.training.plan.plan`)."""
+    from utils.training.plan import count_rows, plan
+
+    n = count_rows(Path(cfg.data_dir) / "sft" / "train.jsonl")
+    if n and cfg.max_train_samples:
+        n = min(n, cfg.max_train_samples)
+    return plan(cfg, "sft_train.py", cfg.base_model, cfg.max_length, n, "conversations")
+
+
 def run_sft(cfg: SFTTrainConfig) -> dict:
     """Train, evaluate and save as the config says; return the metrics written to metrics.json."""
     out = output_dir(cfg)
@@ -214,7 +230,8 @@ def run_sft(cfg: SFTTrainConfig) -> dict:
     check_base_model(cfg)
     log.info("SFT on %d examples (%d validation), answer format %s -> %s", len(train), len(val),
              cfg.answer_format, out)
-    ckpt = start_run(cfg)
+    run = start_run(cfg, data_hashes(cfg.data_dir, ["sft/train", "sft/validation"]), cfg.base_model)
+    ckpt = run.checkpoint
     trainer = build_trainer(cfg, train, val, eval_on_start=cfg.eval_on_start and ckpt is None)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
@@ -228,5 +245,5 @@ def run_sft(cfg: SFTTrainConfig) -> dict:
     if "eval_loss_first" in metrics:
         log.info("validation loss %.4f -> %.4f", metrics["eval_loss_first"], metrics["eval_loss_last"])
     cfg_out = with_output_dir(cfg)
-    finish_run(trainer, cfg_out, metrics, model_card(cfg_out, metrics, len(train), len(val)))
+    finish_run(trainer, cfg_out, run, metrics, model_card(cfg_out, metrics, len(train), len(val)))
     return metrics

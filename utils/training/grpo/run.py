@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from utils.core.artifacts import read_log
 from utils.core.runtime import set_threads
 from utils.training.config import gradient_accumulation, trl_args
 from utils.training.grpo.callbacks import (
@@ -26,6 +27,7 @@ from utils.training.grpo.config import GRPOTrainConfig, heldout_rows, load_promp
 from utils.training.grpo.policy import check_backends, load_policy, vllm_wanted
 from utils.training.grpo.trainer import set_fast_paths, trainer_class
 from utils.training.run import (
+    data_hashes,
     finish_run,
     output_dir,
     start_run,
@@ -93,9 +95,28 @@ def _prepare_run_dir(cfg: GRPOTrainConfig, ckpt: str | None) -> None:
         path = Path(cfg.run_dir) / name
         if not path.is_file():
             continue
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= upto]
-        path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        keep = [e for e in read_log(path) if isinstance(e.get("step"), int) and e["step"] <= upto]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in keep), encoding="utf-8")
+        tmp.replace(path)  # a kill here leaves the old log or the trimmed one
+
+
+def dry_run_plan(cfg: GRPOTrainConfig) -> dict:
+    """What ``grpo_train.py --dry-run`` prints (:func:`utils.training.plan.plan`): the generation batch is
+    the step's batch (one generation round per optimizer step, on-policy)."""
+    from utils.training.plan import count_rows, plan, prompt_tokens_p95
+
+    n = count_rows(Path(cfg.data_dir) / "grpo" / "train.jsonl")
+    n = min(n, cfg.max_train_prompts) * cfg.num_generations if n and cfg.max_train_prompts else \
+        (n * cfg.num_generations if n else None)
+    vllm = vllm_wanted(cfg) or cfg.use_vllm is True
+    colocate = vllm and cfg.vllm_mode == "colocate"
+    extra = {"prompts_per_step": cfg.batch_size // cfg.num_generations, "generation_batch": cfg.batch_size,
+             "generation": f"vLLM ({cfg.vllm_mode})" if vllm else "transformers",
+             "max_completion_tokens": cfg.max_completion_length}
+    seq = prompt_tokens_p95(cfg.data_dir) + cfg.max_completion_length
+    return plan(cfg, "grpo_train.py", cfg.policy, seq, n, "completions", extra,
+                vllm_share=cfg.vllm_gpu_memory_utilization if colocate else 0.0)
 
 
 def run_grpo(cfg: GRPOTrainConfig) -> dict:
@@ -109,7 +130,9 @@ def run_grpo(cfg: GRPOTrainConfig) -> dict:
     heldout = heldout_rows(cfg)
     _, weights = cfg.build()
     args = grpo_args(cfg, weights)  # sets up the processes of a distributed run
-    ckpt = start_run(cfg, on_start=lambda c: _prepare_run_dir(cfg, c))
+    run = start_run(cfg, data_hashes(cfg.data_dir, ["grpo/train", "grpo/validation"]), cfg.policy,
+                    on_start=lambda c: _prepare_run_dir(cfg, c), other_models={"reward_model": cfg.reward_model})
+    ckpt = run.checkpoint
     log.info("generation: %s", f"vLLM ({cfg.vllm_mode})" if args.use_vllm else
              "transformers" + (" (merged adapter, shared prefill)" if cfg.fast_generation else ""))
     log.info("GRPO on %d prompts x %d completions, %d held-out prompts, rewards %s (%s) -> %s", len(train),
@@ -133,7 +156,7 @@ def run_grpo(cfg: GRPOTrainConfig) -> dict:
         if hasattr(model, "peft_config") and "ref" in model.peft_config:
             model.delete_adapter("ref")  # TRL's frozen copy for the KL term, not part of the result
         cfg_out = with_output_dir(cfg)
-        finish_run(trainer, cfg_out, metrics, model_card(cfg_out, metrics, base_ref), base_ref=base_ref)
+        finish_run(trainer, cfg_out, run, metrics, model_card(cfg_out, metrics, base_ref), base_ref=base_ref)
         return metrics if trainer.accelerator.is_main_process else {}
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

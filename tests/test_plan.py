@@ -1,0 +1,78 @@
+"""Batch layouts derived from the world size, and --dry-run: the shipped recipes fit 1, 8 and 16 processes,
+a layout that cannot fit says which would, and a dry run plans a 16-GPU launch on this machine without
+loading weights (utils/training/plan.py)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from utils.core.config import UserError, load_config
+from utils.training.plan import layout, lora_parameters, parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = {"sft": ("sft_train.py", []), "reward": ("reward_model.py", ["train"]), "grpo": ("grpo_train.py", [])}
+LLAMA_3B = {"hidden_size": 3072, "num_hidden_layers": 28, "intermediate_size": 8192, "num_attention_heads": 24,
+            "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True}
+
+
+@pytest.mark.parametrize("batch, max_per_device, world, per_device, accumulation", [
+    (32, 16, 1, 16, 2), (32, 16, 4, 8, 1), (32, 16, 8, 4, 1), (32, 4, 2, 4, 4), (64, 8, 16, 4, 1), (6, 4, 1, 3, 2),
+])
+def test_layouts_fill_the_batch(batch, max_per_device, world, per_device, accumulation):
+    lay = layout(batch, max_per_device, world)
+    assert (lay.per_device, lay.accumulation) == (per_device, accumulation)
+    assert lay.batch == batch and lay.per_device <= max_per_device
+
+
+def test_no_layout_names_the_nearest_that_fit():
+    with pytest.raises(UserError) as e:
+        layout(32, 16, 3)
+    assert str(e.value) == ("batch_size 32 cannot be split evenly over 3 processes; batch sizes that fit 3 processes: "
+                            "30, 33 (nearest), or run 2 or 4 processes")
+    with pytest.raises(UserError, match="batch sizes that fit 3 processes: 48, 72"):
+        layout(64, 8, 3, multiple_of=8)  # GRPO: whole groups of 8 completions on every process
+    with pytest.raises(UserError, match="not a multiple of 8"):
+        layout(60, 8, 1, multiple_of=8)
+
+
+@pytest.mark.parametrize("phase", list(PHASES))
+@pytest.mark.parametrize("world", [1, 2, 4, 8, 16])
+def test_the_llama_recipes_fit_one_to_sixteen_gpus(phase, world):
+    from utils.training.grpo.config import GRPOTrainConfig
+    from utils.training.plan import batch_layout
+    from utils.training.reward_model import RewardModelConfig
+    from utils.training.sft import SFTTrainConfig
+
+    cls = {"sft": SFTTrainConfig, "reward": RewardModelConfig, "grpo": GRPOTrainConfig}[phase]
+    cfg = load_config(cls, ROOT / f"configs/llama-3.2-3b/{phase}.yaml", {"dry_run": True, "world_size": world})
+    lay = batch_layout(cfg)
+    assert lay.batch == cfg.batch_size and lay.per_device <= cfg.per_device_batch_size
+
+
+def test_parameter_count_of_llama_3b():
+    assert abs(parameters(LLAMA_3B) - 3.21e9) < 0.01e9  # Llama-3.2-3B: 3.21 B parameters (tied embeddings)
+    assert 20e6 < lora_parameters(LLAMA_3B, 16) < 30e6  # rank 16 on every linear layer: ~24 M
+
+
+@pytest.mark.parametrize("world", [1, 8, 16])
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_dry_run_plans_a_launch_without_weights(phase, world):
+    """The Llama recipe by its Hub name, on a machine with neither the weights nor the network: the plan
+    comes from the config alone."""
+    script, sub = PHASES[phase]
+    r = subprocess.run([sys.executable, script, *sub, "--config", f"configs/llama-3.2-3b/{phase}.yaml", "--dry-run",
+                        "--world-size", str(world)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"dry run for {world} process(es): no weights loaded" in r.stdout
+    for key in ("per_device_batch", "gradient_accumulation", "max_tokens_per_step", "memory per device"):
+        assert key in r.stdout, key
+    assert "3.21 B" in r.stdout
+
+
+def test_world_size_outside_a_dry_run_must_match_the_launch():
+    r = subprocess.run([sys.executable, "sft_train.py", "--config", "configs/cpu/sft.yaml", "--world-size", "4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "for planning with --dry-run" in r.stderr.strip().splitlines()[-1]
