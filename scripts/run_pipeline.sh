@@ -56,7 +56,8 @@ phase 1 prepare "[[ -f $PROCESSED/.complete ]] && $PY -c 'import sys; from utils
 # 2-4. training phases; a restarted run resumes from its last checkpoint
 # shellcheck disable=SC2086
 phase 2 sft "[[ -f $MODELS/sft/.complete ]]" $LAUNCH sft_train.py --config $CFG/sft.yaml
-phase 3 reward "[[ -f $MODELS/reward/.complete ]]" $PY reward_model.py --config $CFG/reward.yaml
+# shellcheck disable=SC2086
+phase 3 reward "[[ -f $MODELS/reward/.complete ]]" $LAUNCH reward_model.py --config $CFG/reward.yaml
 # shellcheck disable=SC2086
 phase 4 grpo "[[ -f $MODELS/rlhf/.complete ]]" $LAUNCH grpo_train.py --config $CFG/grpo.yaml
 

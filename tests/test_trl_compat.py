@@ -60,18 +60,19 @@ def test_a_changed_signature_is_reported(trainer_cls):
     assert len(gone) == len(trl_compat.REGISTRY["GRPOTrainer"]) and all("is gone" in g for g in gone)
 
 
-def test_drift_turns_the_fast_paths_off(trainer_cls, monkeypatch, caplog):
-    """When TRL no longer fits the overrides, the trainer runs TRL's own generation and log-probabilities
-    (with a warning) instead of calling them; when it fits, the config decides."""
+def test_drift_falls_back_to_trls_own_trainer(trainer_cls, monkeypatch, caplog):
+    """When TRL no longer fits the overrides, TRL's own GRPOTrainer runs (with a warning), so no override is
+    called with arguments it does not expect; when it fits, ECGGRPOTrainer does."""
     import logging
-    from types import SimpleNamespace
+
+    from trl import GRPOTrainer
 
     from utils.training.grpo import trainer as trainer_mod
 
-    t = SimpleNamespace()
-    assert trainer_mod.set_fast_paths(t, True, False) == [] and (t.fast_generation, t.pack_groups) == (True, False)
+    assert trainer_mod.pick_trainer_class(True, True) == (trainer_cls, [])
+    assert trainer_mod.pick_trainer_class(False, False) == (GRPOTrainer, [])
     monkeypatch.setattr(trainer_mod, "problems", lambda owner, cls: ["trl 9.9 GRPOTrainer._prepare_inputs is gone"])
     with caplog.at_level(logging.WARNING):
-        drift = trainer_mod.set_fast_paths(t, True, True)
-    assert drift and (t.fast_generation, t.pack_groups) == (False, False)
+        cls, drift = trainer_mod.pick_trainer_class(True, True)
+    assert cls is GRPOTrainer and drift
     assert any("_prepare_inputs is gone" in r.getMessage() for r in caplog.records)

@@ -94,6 +94,21 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: str | Path | None) -> int:
+    """The optimizer step a checkpoint folder was saved at (its trainer_state.json), 0 for None: any folder
+    name works, not only checkpoint-N."""
+    if path is None:
+        return 0
+    try:
+        return int(json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        m = CHECKPOINT.match(Path(path).name)
+        if m:
+            return int(m.group(1))
+        raise UserError(f"{path}: no readable global_step in trainer_state.json; expected a checkpoint the Trainer "
+                        "wrote") from None
+
+
 def read_train_config(folder: str | Path) -> dict | None:
     """The resolved config a model folder was trained with (e.g. its ``answer_format``), or None."""
     path = Path(folder) / TRAIN_CONFIG

@@ -28,8 +28,9 @@ def _keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # mallopt(int, int): a larger value would wrap around
     return bool(mallopt(m_mmap_threshold, 1 << 30)  # blocks up to 1 GB from the heap
-                and mallopt(m_trim_threshold, 1 << 32)  # keep up to 4 GB of freed heap for reuse
+                and mallopt(m_trim_threshold, (1 << 31) - 1)  # keep up to 2 GB of freed heap for reuse
                 and mallopt(m_top_pad, 1 << 30))  # grow the heap in 1 GB steps (address space only: pages come on use)
 
 

@@ -60,14 +60,14 @@ def load_tokenizer(ref: str, base_model: str | None = None):
         base = adapter_base(path) if Path(path).is_dir() else None
         if base is None:
             raise _load_error(ref, path, e, " its tokenizer") from None
-        tok = load_tokenizer(_adapter_base_path(path, base, base_model))
+        tok = load_tokenizer(adapter_base_path(path, base, base_model))
     if tok.pad_token is None:
         # Llama 3 ships no pad token; it reserves one for exactly this.
         tok.pad_token = "<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in tok.get_vocab() else tok.eos_token
     return tok
 
 
-def _adapter_base_path(path: str, base: str, base_model: str | None) -> str:
+def adapter_base_path(path: str, base: str, base_model: str | None) -> str:
     """The folder or Hub id of an adapter's base. The adapter names its base by where it was trained; on
     another machine (or after the base moved) the recipe's ``base_model`` names the same model."""
     try:
@@ -103,7 +103,7 @@ def load_model(ref: str, base_model: str | None = None, *, head: str = "causal",
     if base is not None and adapter == "merge" and quantization is not None:
         raise ModelNotFound(f"{ref}: an adapter cannot be merged into a quantized base; load it with "
                             "adapter='keep' or 'train', or without quantization")
-    weights = path if base is None else _adapter_base_path(path, base, base_model)
+    weights = path if base is None else adapter_base_path(path, base, base_model)
     kwargs: dict = {"dtype": pick_dtype(dtype)}
     if quantization is not None:
         from accelerate import PartialState

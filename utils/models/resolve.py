@@ -161,8 +161,8 @@ def adapter_base(folder: str) -> str | None:
 
 def model_identity(path: str) -> dict:
     """What a resolved model is, by content: for a local folder the sha256 of its config and weight files
-    (an adapter's also names its base's identity); for a Hub id, the id and the commit of the cached
-    snapshot when there is one. Paths are left out, so a moved folder keeps its identity."""
+    (an adapter's also names its base's identity); for a Hub id, the id. Paths are left out, so a moved
+    folder keeps its identity."""
     from utils.core.fingerprint import file_sha256
 
     folder = Path(path)
@@ -178,13 +178,6 @@ def model_identity(path: str) -> dict:
             except ModelNotFound:
                 out["base"] = {"ref": base, "not_found_here": True}
         return out
-    out = {"hub_id": path}
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(path, "config.json")
-        if isinstance(cached, str):
-            out["revision"] = Path(cached).parent.name  # .../snapshots/<commit>/config.json
-    except Exception:  # noqa: BLE001 - an unreadable cache only leaves the revision out
-        pass
-    return out
+    # By its id alone: the cached snapshot's commit is unknown before the first download, so recording it
+    # would make every first run of a Hub model look like another run once it is cached.
+    return {"hub_id": path}

@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from utils.core.config import UserError, fld, fraction, non_negative, positive
@@ -267,6 +268,15 @@ def load_for_training(cfg: TrainConfig, ref: str, *, head: str = "causal", adapt
     # Seeded before loading: weights made at load time (a reward model's score head, layers a checkpoint
     # lacks) are drawn then, before the Trainer seeds itself, and would differ from run to run.
     set_seed(cfg.seed)
+    from utils.models.resolve import adapter_base, resolve_model
+
+    path = resolve_model(ref, cfg.base_model)
+    if adapter == "merge" and cfg.adapter == "lora" and Path(path).is_dir() and adapter_base(path) is not None:
+        # PEFT would record the adapter's bare base as the new adapter's base: loaded later, the model would
+        # silently lack the first adapter's update.
+        raise UserError(f"{ref} is a LoRA adapter: a fresh adapter trained on it would be saved against its bare "
+                        "base and load without it; train on its merged weights (its merged/ folder, made with "
+                        "merge: true) or on the base model")
     _, _, dtype = precision_flags(cfg)
     tok = load_tokenizer(ref, cfg.base_model)
     model = load_model(ref, cfg.base_model, head=head, dtype=dtype, adapter=adapter,

@@ -166,7 +166,7 @@ def memory_estimate(shape: dict, cfg, per_device: int, seq_len: int, world: int,
     activations = per_device * seq_len * per_token
     out = {"weights": weights / GIB, "trainable_and_optimizer": states / GIB, "activations": activations / GIB}
     if vllm_share:
-        out["vllm"] = vllm_share * gpu_gib
+        out[f"vllm ({vllm_share:.0%} of {gpu_gib:.0f})"] = vllm_share * gpu_gib
     out["total"] = sum(out.values())
     return out
 

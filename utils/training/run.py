@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import resource
 import sys
 import time
@@ -31,6 +32,11 @@ PREVIOUS = "previous-"            # run folders' old runs are moved into previou
 # things are written or logged, not what is computed). The data's content is fingerprinted by its hashes.
 RESUME_NEUTRAL = {"resume", "merge", "output_dir", "run_dir", "data_dir", "report_to", "wandb_project", "run_name",
                   "logging_steps", "save_steps", "save_total_limit", "eval_steps", "num_threads", "eval_on_start",
+                  # memory and evaluation knobs: the same optimizer steps whatever they are
+                  "per_device_batch_size", "eval_batch_size", "gradient_checkpointing", "max_eval_samples",
+                  "heldout_prompts", "heldout_max_new_tokens", "score_batch_size", "max_test_items",
+                  # the reward config's score/audit/terms commands only
+                  "input", "output", "audit_items", "terms_top",
                   "time_limit_minutes", "sample_steps", "samples_to_log",  # the last three: GRPO's
                   "dry_run", "world_size", "zero_stage"}
 
@@ -106,6 +112,7 @@ def start_run(cfg: TrainConfig, data: dict[str, str] | None = None, model_ref: s
 
     from utils.core.artifacts import check_replaceable
 
+    check_run_dir(cfg)
     check_replaceable(output_dir(cfg))  # before hours of training, not at the save
     fp = fingerprint(cfg, data or {}, model_ref, other_models)
     state = PartialState()
@@ -162,12 +169,32 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)  # atomic: a kill leaves the old record or the new one, never half of one
 
 
+# What a run writes into its run folder: only these are ever moved aside (anything else there is left alone).
+RUN_ITEMS = re.compile(r"^(checkpoint-\d+|runs|run\.json|run_config\.yaml|heldout\.jsonl|samples\.jsonl|"
+                       r"events\.out\.tfevents\..*|trainer_state\.json)$")
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    """Refuse a run folder that would hold more than one run's files: empty (the current folder), the
+    checkout itself, or a folder that contains the output folder."""
+    from utils.core.fingerprint import REPO_ROOT
+
+    if not cfg.run_dir.strip() or Path(cfg.run_dir).resolve() in (Path.cwd().resolve(), REPO_ROOT.resolve()):
+        raise UserError(f"run_dir {cfg.run_dir!r}: expected a folder of its own for the run's checkpoints and logs, "
+                        "e.g. runs/sft")
+    out = output_dir(cfg).resolve()
+    if Path(cfg.run_dir).resolve() in out.parents or Path(cfg.run_dir).resolve() == out:
+        raise UserError(f"run_dir {cfg.run_dir} contains output_dir {out}; expected separate folders, e.g. runs/sft "
+                        "and models/sft")
+
+
 def move_aside(run_dir: Path) -> Path | None:
-    """Move everything in ``run_dir`` (checkpoints, logs, records; not earlier ``previous-*`` folders) into
-    ``run_dir/previous-<time>/``; nothing is deleted. Returns that folder, or None when there was nothing."""
+    """Move a run's files in ``run_dir`` (checkpoints, logs, records: :data:`RUN_ITEMS`) into
+    ``run_dir/previous-<time>/``; nothing is deleted, nothing else is touched. Returns that folder, or None
+    when there was nothing to move."""
     if not run_dir.is_dir():
         return None
-    items = [p for p in run_dir.iterdir() if not p.name.startswith(PREVIOUS)]
+    items = [p for p in run_dir.iterdir() if RUN_ITEMS.match(p.name)]
     if not items:
         return None
     dest = run_dir / f"{PREVIOUS}{time.strftime('%Y%m%d-%H%M%S')}"
@@ -209,7 +236,7 @@ def resume_checkpoint(cfg: TrainConfig, write: bool = True, fingerprint: dict | 
             raise UserError(f"resume: {path} is not a complete checkpoint (no trainer_state.json)")
         chosen = str(path)
         if record and record.get("fingerprint") and path.resolve().parent == run_dir.resolve():
-            changed = differences(record["fingerprint"], fp)
+            changed = differences(_compared(record["fingerprint"]), _compared(fp))
             if changed and write:
                 log.warning("resume: %s continues a run made with other %s, as asked", path, _describe(changed))
     elif cfg.resume == "auto":
@@ -219,12 +246,15 @@ def resume_checkpoint(cfg: TrainConfig, write: bool = True, fingerprint: dict | 
                 log.info("%s: its run finished (%s) and saved %s; starting a fresh run", run_dir, record["finished"],
                          record.get("output_dir"))
         elif found:
-            changed = differences(record.get("fingerprint", {}), fp) if record else ["the run record (run.json)"]
+            changed = differences(_compared(record.get("fingerprint", {})), _compared(fp)) if record \
+                else ["the run record (run.json)"]
             if not changed:
                 chosen = str(found[-1])
             elif write:
-                log.warning("%s: its checkpoints belong to another run (%s); starting a fresh run and moving them "
-                            "aside (to continue that run anyway: --resume %s)", run_dir, _describe(changed), found[-1])
+                moved = move_aside(run_dir)
+                log.warning("%s: its checkpoints belong to another run (%s); starting a fresh run, the old one moved "
+                            "to %s (to continue it anyway: --resume %s)", run_dir, _describe(changed), moved,
+                            moved / found[-1].name if moved else found[-1])
     if not write:
         return chosen
     if chosen is None:
@@ -234,11 +264,24 @@ def resume_checkpoint(cfg: TrainConfig, write: bool = True, fingerprint: dict | 
     else:
         log.info("resuming from %s", chosen)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if chosen is None or record is None:
-        record = {"fingerprint": fp, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None}
+    if chosen is None or record is None or cfg.resume not in ("auto", "never"):
+        # a fresh run, or one continued from a checkpoint the user named: from now on this fingerprint
+        # is the run's, so that a kill and `resume: auto` continue it
+        record = {"fingerprint": fp, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None,
+                  "resumed_from": chosen}
     _write_json(run_dir / RUN_RECORD, record)
     dump_yaml(cfg, run_dir / RUN_CONFIG)
     return chosen
+
+
+def _compared(fp: dict) -> dict:
+    """The part of a fingerprint that must match for a resume: the git commit and dirty flag are recorded
+    (provenance) but not compared, so that committing the very tree a run used does not orphan it; the
+    source hash stands for the code."""
+    out = dict(fp)
+    if isinstance(out.get("code"), dict):
+        out["code"] = {k: v for k, v in out["code"].items() if not k.startswith("git_")}
+    return out
 
 
 def _describe(changed: list[str]) -> str:
@@ -291,6 +334,10 @@ def save_final(model, tokenizer, cfg: TrainConfig, metrics: dict, card: str, bas
             merged = tmp / "merged"
             _merge_into_base(tmp, merged, base_ref or cfg.base_model, cfg)
             tokenizer.save_pretrained(merged)
+            # the merged model is the same model: it says how it was trained, as the adapter folder does
+            dump_yaml(cfg, merged / TRAIN_CONFIG)
+            if fingerprint is not None:
+                (merged / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, default=str), encoding="utf-8")
             mark_complete(merged)
 
     out = atomic_save(Path(cfg.output_dir), write)

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 _INTERVAL_Q = re.compile(r"\b(how often|how long|how soon|when should|follow[- ]?up|check[- ]?up|come back|"
                          r"re-?check|interval)\b", re.IGNORECASE)
-_CONTEXT_Q = "\n\nQuestion: "  # how utils.data.render_user joins a record and its question
+_CONTEXT_Q = "\n\nQuestion: "  # how utils.data.raw.render_user joins a record and its question
 
 
 @dataclass

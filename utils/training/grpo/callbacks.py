@@ -87,11 +87,14 @@ class HeldOutReward(_Callback):
         acc = tr.accelerator
         shard = self.rows[acc.process_index::acc.num_processes]
         started = time.time()
+        # A process without prompts of its own answers the first one and drops the answer: under ZeRO-3
+        # the processes must run the same generation calls, or the others wait for it for ever.
+        prompts = [r["prompt"] for r in shard] or [self.rows[0]["prompt"]]
         with unwrap_model_for_generation(tr.model_wrapped, acc, gather_deepspeed3_params=tr.args.ds3_gather_for_generation,
                                          gradient_checkpointing_kwargs=tr.args.gradient_checkpointing_kwargs) as m, \
                 merged_adapter(m):
-            answers = generate(m, self.tok, [r["prompt"] for r in shard], max_new_tokens=self.max_new_tokens,
-                               batch_size=self.cfg.eval_batch_size or self.cfg.per_device_batch_size)
+            answers = generate(m, self.tok, prompts, max_new_tokens=self.max_new_tokens,
+                               batch_size=self.cfg.eval_batch_size or self.cfg.per_device_batch_size)[:len(shard)]
         scores = self.cfg.score(answers, shard) if shard else []
         results = gather_object([{"id": r["id"], "task": r["task"], "answer": a, "scores": s}
                                  for r, a, s in zip(shard, answers, scores)])

@@ -53,6 +53,7 @@ def load_policy(cfg: GRPOTrainConfig):
 
     An adapter policy (models/sft) keeps training that adapter on its own base, so models/rlhf is again an
     adapter on the base; a full model folder gets a fresh adapter."""
+    from utils.models.loading import adapter_base_path
     from utils.models.resolve import adapter_base, resolve_model
 
     path = resolve_model(cfg.policy, cfg.base_model)
@@ -79,5 +80,7 @@ def load_policy(cfg: GRPOTrainConfig):
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(next(model.get_base_model().parameters()).dtype)
-    log.info("policy %s: its adapter on %s, trained further", path, base)
-    return model, tok, None, base
+    # the base as found on this machine (the adapter may name a folder of the machine it was trained on)
+    base_ref = adapter_base_path(path, base, cfg.base_model)
+    log.info("policy %s: its adapter on %s, trained further", path, base_ref)
+    return model, tok, None, base_ref

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from utils.core.artifacts import read_log
+from utils.core.artifacts import checkpoint_step, read_log
 from utils.core.runtime import set_threads
 from utils.training.config import gradient_accumulation, trl_args
 from utils.training.grpo.callbacks import (
@@ -25,7 +25,7 @@ from utils.training.grpo.callbacks import (
 )
 from utils.training.grpo.config import GRPOTrainConfig, heldout_rows, load_prompts, to_dataset
 from utils.training.grpo.policy import check_backends, load_policy, vllm_wanted
-from utils.training.grpo.trainer import set_fast_paths, trainer_class
+from utils.training.grpo.trainer import pick_trainer_class, trainer_class
 from utils.training.run import (
     data_hashes,
     finish_run,
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def grpo_args(cfg: GRPOTrainConfig, reward_weights: list[float]):
-    """TRL's GRPOConfig for ``cfg``: the common training settings (utils.training.trl_args) plus GRPO's.
+    """TRL's GRPOConfig for ``cfg``: the common training settings (utils.training.config.trl_args) plus GRPO's.
     One generation round per optimizer step (the generation batch is the step's batch), so sampling is
     on-policy and needs no extra log-probability pass."""
     extra: dict[str, Any] = dict(
@@ -80,17 +80,18 @@ def build_trainer(cfg: GRPOTrainConfig, train_rows: list[dict], args=None):
     funcs, weights = cfg.build()
     args = args or grpo_args(cfg, weights)
     model, tok, peft_config, base_ref = load_policy(cfg)
-    cls = trainer_class()
+    cls, _ = pick_trainer_class(cfg.fast_generation, cfg.pack_groups)
     trainer = cls(model=model, reward_funcs=funcs, args=args, train_dataset=to_dataset(train_rows),
                   processing_class=tok, peft_config=peft_config)
-    set_fast_paths(trainer, cfg.fast_generation, cfg.pack_groups)
+    if cls is trainer_class():
+        trainer.fast_generation, trainer.pack_groups = cfg.fast_generation, cfg.pack_groups
     return trainer, base_ref
 
 
 def _prepare_run_dir(cfg: GRPOTrainConfig, ckpt: str | None) -> None:
     """Start the run folder's logs afresh, or, on resumption, drop what was logged after the checkpoint
     (those steps run again)."""
-    upto = int(Path(ckpt).name.split("-")[-1]) if ckpt else -1
+    upto = checkpoint_step(ckpt) if ckpt else -1
     for name in (HELDOUT_LOG, SAMPLES_LOG):
         path = Path(cfg.run_dir) / name
         if not path.is_file():
@@ -109,10 +110,12 @@ def dry_run_plan(cfg: GRPOTrainConfig) -> dict:
     n = count_rows(Path(cfg.data_dir) / "grpo" / "train.jsonl")
     n = min(n, cfg.max_train_prompts) * cfg.num_generations if n and cfg.max_train_prompts else \
         (n * cfg.num_generations if n else None)
-    vllm = vllm_wanted(cfg) or cfg.use_vllm is True
+    # use_vllm: auto is planned as vLLM: the GPU machine the plan is for is where it would be found
+    vllm = cfg.use_vllm is True or cfg.use_vllm == "auto" or vllm_wanted(cfg)
     colocate = vllm and cfg.vllm_mode == "colocate"
     extra = {"prompts_per_step": cfg.batch_size // cfg.num_generations, "generation_batch": cfg.batch_size,
-             "generation": f"vLLM ({cfg.vllm_mode})" if vllm else "transformers",
+             "generation": (f"vLLM ({cfg.vllm_mode})" + (", when installed" if cfg.use_vllm == "auto" else ""))
+             if vllm else "transformers",
              "max_completion_tokens": cfg.max_completion_length}
     seq = prompt_tokens_p95(cfg.data_dir) + cfg.max_completion_length
     return plan(cfg, "grpo_train.py", cfg.policy, seq, n, "completions", extra,
@@ -137,32 +140,31 @@ def run_grpo(cfg: GRPOTrainConfig) -> dict:
              "transformers" + (" (merged adapter, shared prefill)" if cfg.fast_generation else ""))
     log.info("GRPO on %d prompts x %d completions, %d held-out prompts, rewards %s (%s) -> %s", len(train),
              cfg.num_generations, len(heldout), cfg.rewards, cfg.reward_aggregation, out)
-    try:
-        trainer, base_ref = build_trainer(cfg, train, args)
-        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in trainer.model.parameters())
-        log.info("training %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
-        held = HeldOutReward(cfg, heldout, trainer.processing_class)
-        samples = SampleLogger(cfg)
-        for cb in (held, samples, TimeLimit(cfg.time_limit_minutes)):
-            cb.trainer = trainer
-            trainer.add_callback(cb)
-        trainer.callback_handler.callbacks.insert(0, DropEmptyMetrics())
-        started = time.time()
-        trainer.train(resume_from_checkpoint=ckpt)
-        wall = time.time() - started
-        metrics = final_metrics(cfg, trainer, ckpt, len(train), wall)
-        model = trainer.model
-        if hasattr(model, "peft_config") and "ref" in model.peft_config:
-            model.delete_adapter("ref")  # TRL's frozen copy for the KL term, not part of the result
-        cfg_out = with_output_dir(cfg)
-        finish_run(trainer, cfg_out, run, metrics, model_card(cfg_out, metrics, base_ref), base_ref=base_ref)
-        return metrics if trainer.accelerator.is_main_process else {}
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Without an orderly teardown the gloo backend sometimes aborts the other ranks at exit.
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+    trainer, base_ref = build_trainer(cfg, train, args)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    log.info("training %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    held = HeldOutReward(cfg, heldout, trainer.processing_class)
+    samples = SampleLogger(cfg)
+    for cb in (held, samples, TimeLimit(cfg.time_limit_minutes)):
+        cb.trainer = trainer
+        trainer.add_callback(cb)
+    trainer.callback_handler.callbacks.insert(0, DropEmptyMetrics())
+    started = time.time()
+    trainer.train(resume_from_checkpoint=ckpt)
+    wall = time.time() - started
+    metrics = final_metrics(cfg, trainer, ckpt, len(train), wall)
+    model = trainer.model
+    if hasattr(model, "peft_config") and "ref" in model.peft_config:
+        model.delete_adapter("ref")  # TRL's frozen copy for the KL term, not part of the result
+    cfg_out = with_output_dir(cfg)
+    finish_run(trainer, cfg_out, run, metrics, model_card(cfg_out, metrics, base_ref), base_ref=base_ref)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Without an orderly teardown the gloo backend sometimes aborts the other ranks at exit (after a
+        # failure there is none: the other ranks would wait in the barrier until a timeout).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return metrics if trainer.accelerator.is_main_process else {}
 
 
 def final_metrics(cfg: GRPOTrainConfig, trainer, ckpt: str | None, n_train: int, wall: float) -> dict:
@@ -171,7 +173,7 @@ def final_metrics(cfg: GRPOTrainConfig, trainer, ckpt: str | None, n_train: int,
                 or k in ("kl", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio")}
                for h in history if "reward" in h]
     summary = next((h for h in reversed(history) if "train_runtime" in h), {})
-    steps_run = trainer.state.global_step - (int(Path(ckpt).name.split("-")[-1]) if ckpt else 0)
+    steps_run = trainer.state.global_step - checkpoint_step(ckpt)
     extra = {"resumed_from": ckpt, "num_processes": trainer.accelerator.num_processes, "train_prompts": n_train, "answer_format": cfg.answer_format,
              "rewards": cfg.rewards, "train_curve": rewards,
              "wall_seconds_this_run": round(wall, 1),

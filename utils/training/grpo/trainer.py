@@ -208,8 +208,11 @@ def trainer_class():
         pack_groups = True
 
         def _packing(self) -> bool:
+            # Not under ZeRO-3: every forward pass there gathers each layer's weights from all processes,
+            # so all of them must run the same number of passes, and packing makes that number depend on
+            # each process's groups.
             return (self.pack_groups and not self.tools and not self._is_vlm and not self.aux_loss_enabled
-                    and not self._entropy_bonus_enabled
+                    and not self._entropy_bonus_enabled and not _zero3()
                     and self.model.config._attn_implementation in ("sdpa", "eager"))
 
         @overrides("GRPOTrainer", ("self", "generation_batch"),
@@ -285,19 +288,21 @@ def trainer_class():
     return _Trainer
 
 
-def set_fast_paths(trainer, fast_generation: bool, pack_groups: bool) -> list[str]:
-    """Turn the trainer's faster generation and packed groups on as asked, unless the installed TRL's
-    private methods no longer fit the overrides (:func:`utils.training.trl_compat.problems`): then both stay
-    off, TRL's own paths run, and a warning names each difference. Returns the differences."""
+def pick_trainer_class(fast_generation: bool, pack_groups: bool) -> tuple[type, list[str]]:
+    """``(class, differences)``: :class:`ECGGRPOTrainer` with its fast paths, or, when the installed TRL's
+    private methods no longer fit the overrides (:func:`utils.training.trl_compat.problems`), TRL's own
+    ``GRPOTrainer`` (slower, correct: no override is ever called with arguments it does not expect), with a
+    warning naming each difference. Without fast paths asked for, TRL's own class too."""
     from trl import GRPOTrainer
 
-    drift = problems("GRPOTrainer", GRPOTrainer) if (fast_generation or pack_groups) else []
+    if not (fast_generation or pack_groups):
+        return GRPOTrainer, []
+    drift = problems("GRPOTrainer", GRPOTrainer)
     if drift:
         log.warning("TRL's GRPOTrainer changed under this project's overrides; using TRL's own generation and "
                     "log-probabilities (slower, correct): %s", "; ".join(drift))
-    trainer.fast_generation = fast_generation and not drift
-    trainer.pack_groups = pack_groups and not drift
-    return drift
+        return GRPOTrainer, drift
+    return trainer_class(), []
 
 
 ECGGRPOTrainer = None
