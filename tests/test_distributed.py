@@ -122,7 +122,8 @@ def _sft(tmp_path, data, tiny_llama, sft_single, kind, port):
 RM_FLAGS = ["--lora-r", "4", "--lora-alpha", "8", "--batch-size", "4", "--per-device-batch-size", "2",
             "--max-steps", "2", "--learning-rate", "1e-3", "--keep-layers", "0", "--max-train-pairs", "8",
             "--negatives", "flip_yesno,numbers,truncate", "--max-eval-pairs", "0", "--max-test-items", "8",
-            "--save-steps", "100", "--report-to", "", "--num-threads", "1"]
+            "--save-steps", "100", "--report-to", "", "--num-threads", "1", "--warmup-ratio", "0",
+            "--lr-scheduler", "constant", "--trainer-extra", "{optim: sgd}"]  # SGD: see SFT_FLAGS
 
 
 @pytest.fixture(scope="module")
