@@ -26,8 +26,16 @@ FACTS = [
 ]
 
 
-def _qa(prefix: str) -> list[dict]:
-    return [{"Q": f"{q[:-1]} ({prefix} {i})?", "A": a} for i, (q, a) in enumerate(FACTS)]
+# Distinct endings, so that items sharing a template are not near-duplicates of each other on their answer
+# (the split keeps near-duplicate answers on one side).
+ENDINGS = ["as taught in the first lecture", "according to the ward protocol", "which the cardiologist confirmed",
+           "noted on the morning round", "in the clinic's written guidance", "per the hospital's patient leaflet",
+           "after the nurse checked the file", "following the regional guideline", "as stated in the discharge letter",
+           "recorded by the duty physician"]
+
+
+def _qa(prefix: str, tail: str = "") -> list[dict]:
+    return [{"Q": f"{q[:-1]} ({prefix} {i})?", "A": a[:-1] + tail + "."} for i, (q, a) in enumerate(FACTS)]
 
 
 def shapes() -> dict[str, list[dict]]:
@@ -36,16 +44,16 @@ def shapes() -> dict[str, list[dict]]:
                 "A": "It carries the impulse that sets the heart鈥檚 rhythm."})
     ebk.append({"Q": "When is left ventricular hypertrophy suspected?",  # unrecoverable mojibake
                 "A": "When SV1 + RV5 is 鈮 35 mm."})
-    ck = _qa("cardio")
+    ck = _qa("cardio", ", a point every cardiology trainee learns early")
     ck.append({"Q": "  What   is   heart failure?  ", "A": "Heart failure is   the heart's inability to pump enough blood.\u200b"})
     ck.append({"Q": "Which imaging is preferred for the left atrial appendage?", "A": "TEE is preferred over"})  # cut off
     cd = [{"Disease": f"Disease {i}", "Q": f"What ECG changes appear in disease {i} (case {i})?",
            "A": f"Disease {i} shows T-wave inversions and a QTc of {440 + i} ms."} for i in range(10)]
     pp = [{"medical_advice": f"You have atrial fibrillation (note {i}); take apixaban twice daily.",
            "Q": f"How often should I come back for a check-up, doctor (visit {i})?",
-           "A": f"Come back every {i % 3 + 1} months for an ECG and blood tests."} for i in range(10)]
+           "A": f"Come back every {i % 3 + 1} months for an ECG and blood tests, {ENDINGS[i]}."} for i in range(10)]
     prtk = [{"Question": f"Can I ask for a copy of my ECG report (request {i})?",
-             "Answer": "Yes, you have the right to a copy of your ECG report."} for i in range(10)]
+             "Answer": f"Yes, you have the right to a copy of your ECG report, {ENDINGS[i]}."} for i in range(10)]
     prtk.append(dict(prtk[0]))  # exact duplicate
     prtk.append({"Question": "May I refuse the ECG?", "Answer": "Yes, you may refuse any test."})
     prtk.append({"Question": "May I refuse the ECG?", "Answer": "No, the test is mandatory."})  # contradiction

@@ -103,7 +103,8 @@ def convert_smollm2(out_dir: Path | None = None) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return atomic_save(out_dir, save)
+    # a folder with a config.json there is an interrupted conversion of ours (the path is this function's)
+    return atomic_save(out_dir, save, "the models folder ($ECG_MODELS_DIR)", legacy=("config.json",))
 
 
 def resolve_model(ref: str, base_model: str | None = None) -> str:
