@@ -113,7 +113,9 @@ def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int) 
     pick = random.Random(seed).sample(rows, min(n, len(rows)))
     # Each process samples its own share (every W-th item) and the shares are gathered: W times faster on W
     # GPUs, and every process ends up with the same negatives (the same pairs to train on).
-    state = PartialState()
+    from utils.training.config import has_cuda
+
+    state = PartialState(cpu=not has_cuda())  # as start_run: CPU ranks need cpu=True to form a process group
     mine = list(range(state.process_index, len(pick), state.num_processes))
     model, tok = load_for_inference(cfg.sample_model, cfg.base_model, device=str(state.device))
     texts = generate(model, tok, [pick[i]["prompt"] for i in mine], max_new_tokens=cfg.sample_max_new_tokens,

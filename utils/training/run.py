@@ -115,7 +115,11 @@ def start_run(cfg: TrainConfig, data: dict[str, str] | None = None, model_ref: s
     check_run_dir(cfg)
     check_replaceable(output_dir(cfg))  # before hours of training, not at the save
     fp = fingerprint(cfg, data or {}, model_ref, other_models)
-    state = PartialState()
+    from utils.training.config import has_cuda
+
+    # cpu=True on a machine without CUDA: else accelerate sets up no process group for CPU ranks, and every
+    # rank would take itself for the main process (the TRL config sets the state up the same way later)
+    state = PartialState(cpu=not has_cuda())
     with state.main_process_first():
         ckpt = resume_checkpoint(cfg, write=state.is_main_process, fingerprint=fp)
         if on_start is not None and state.is_main_process:
