@@ -180,7 +180,12 @@ def test_fingerprint_follows_the_files(tmp_path):
     assert model_fingerprint(str(m)) == before
     (m / "model.safetensors").write_bytes(b"123456")  # retrained into the same folder
     assert model_fingerprint(str(m)) != before
-    assert model_fingerprint("owner/name") == "owner/name"
+    assert model_fingerprint("owner/name") != model_fingerprint("owner/other")
+    # by content, as the training phases' model identity: a copied folder keeps its cached answers
+    import shutil
+
+    shutil.copytree(m, tmp_path / "copy")
+    assert model_fingerprint(str(tmp_path / "copy")) == model_fingerprint(str(m))
 
 
 # ============================================================================= errors: one line, nothing written

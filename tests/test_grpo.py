@@ -90,6 +90,13 @@ def metrics_of(tmp_path: Path) -> dict:
     ({"use_vllm": "maybe"}, "key 'use_vllm' = 'maybe'"),
     ({"max_completion_length": 0}, "key 'max_completion_length' = 0: expected an integer > 0"),
     ({"rewards": {"reward_model": 1.0}}, "reward_model is not set"),
+    ({"loss_type": "luspo"}, "expected importance_sampling_level: sequence"),
+    ({"importance_sampling_level": "group"}, "expected one of token, sequence"),
+    ({"vllm_sleep_mode": True}, "vllm_sleep_mode: true with use_vllm False"),
+    ({"attn_implementation": "flash"}, "expected one of auto, sdpa, eager, flash_attention_2"),
+    ({"push_to_hub": True}, "hub_model_id '': expected the Hub repo as owner/name"),
+    ({"trainer_extra": {"push_to_hub": True}}, "'push_to_hub' has a config key of its own here"),
+    ({"trainer_extra": {"use_liger_kernel": True}}, "expected liger_kernel instead"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, over, expected):
     path = tmp_path / "bad.yaml"
@@ -232,6 +239,36 @@ def test_packed_groups_give_the_unpacked_logps_and_gradients(tiny_llama, attn):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
 
 
+def test_tied_groups_leave_the_loss():
+    """skip_tied_groups: a group whose trained rewards all tie (NaN = unscored, a weight-0 reward only logged)
+    is masked out of this process's loss, and the token count the loss averages over shrinks with it."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    import torch
+
+    from utils.training.grpo.trainer import drop_tied_groups, tied_groups
+
+    nan = float("nan")
+    # 3 groups of 2 completions, rewards (trained, trained, logged only)
+    rewards = torch.tensor([[1.0, 0.5, 0.0], [1.0, 0.5, 9.0],    # tied on what trains: out
+                            [1.0, 0.5, 0.0], [0.0, 0.5, 0.0],    # differs: stays
+                            [nan, 0.2, 0.0], [1.0, 0.2, 0.0]])   # first reward unscored once: ties on the rest
+    weights = torch.tensor([1.0, 2.0, 0.0])
+    assert tied_groups(rewards, weights, 2).tolist() == [True, True, False, False, True, True]
+    # this process holds completions 2..3 of each "process" slice of 2; process 0 holds the tied group
+    acc = SimpleNamespace(process_index=0, gather=lambda t: t.reshape(1))
+    trainer = SimpleNamespace(reward_weights=weights, num_generations=2, accelerator=acc,
+                              _metrics={"train": defaultdict(list)})
+    out = {"completion_mask": torch.ones(2, 3, dtype=torch.long), "num_items_in_batch": torch.tensor(6)}
+    out = drop_tied_groups(trainer, out, rewards)
+    assert out["completion_mask"].sum() == 0 and out["num_items_in_batch"] == 0
+    acc.process_index = 1
+    out = drop_tied_groups(trainer, {"completion_mask": torch.ones(2, 3, dtype=torch.long)}, rewards)
+    assert out["completion_mask"].sum() == 6 and out["num_items_in_batch"] == 6
+    assert trainer._metrics["train"]["skipped_tied_groups"] == [pytest.approx(2 / 3)] * 2
+
+
 def test_merged_adapter_round_trip(tiny_llama):
     """Sampling with the merged adapter computes the adapter's function, and un-merging restores the weights."""
     import torch
@@ -322,7 +359,7 @@ def test_tiny_grpo_run_through_the_command_line(tmp_path, processed, tiny_llama)
     from utils.models.resolve import adapter_base, is_complete
 
     sft = make_sft_adapter(tiny_llama, tmp_path / "models/sft")
-    cfg = tiny_config(tmp_path, tiny_llama, processed, policy="sft", max_steps=2)
+    cfg = tiny_config(tmp_path, tiny_llama, processed, policy="sft", max_steps=2, skip_tied_groups=True)
     r = subprocess.run([sys.executable, "grpo_train.py", "--config", str(cfg)], cwd=ROOT, env=script_env(tmp_path),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -343,7 +380,10 @@ def test_tiny_grpo_run_through_the_command_line(tmp_path, processed, tiny_llama)
     assert {"heldout/total", "heldout/format", "heldout/length"} <= set(m["heldout_last"])
     assert set(m["heldout_change"]) == {"total", *TINY_REWARDS}
     assert all(f"rewards/{k}/mean" in m["train_curve"][0] for k in ("format", "length", "rouge"))
-    assert "held-out reward at step 0" in r.stderr and "Held-out reward" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "held-out reward at step 0" in r.stderr and "Held-out reward" in card
+    # the Hub's front matter: push_to_hub uploads this card as it is
+    assert card.startswith("---\n") and "library_name: peft" in card and "pipeline_tag: text-generation" in card
 
     run_dir = tmp_path / "run"
     assert [json.loads(x)["step"] for x in (run_dir / "heldout.jsonl").read_text().splitlines()] == [0, 1, 2]
@@ -353,7 +393,7 @@ def test_tiny_grpo_run_through_the_command_line(tmp_path, processed, tiny_llama)
     scalars, texts = tensorboard_tags(run_dir)
     for tag in ("train/reward", "train/reward_std", "train/rewards/length/mean", "train/rewards/length/std",
                 "train/frac_reward_zero_std", "train/completions/mean_length", "train/completions/clipped_ratio",
-                "heldout/total", "heldout/rouge"):
+                "heldout/total", "heldout/rouge", "train/skipped_tied_groups"):
         assert tag in scalars, (tag, sorted(scalars))
     assert texts, "no sample completions in TensorBoard"
 

@@ -76,3 +76,36 @@ def test_world_size_outside_a_dry_run_must_match_the_launch():
     r = subprocess.run([sys.executable, "sft_train.py", "--config", "configs/cpu/sft.yaml", "--world-size", "4"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "for planning with --dry-run" in r.stderr.strip().splitlines()[-1]
+
+
+def test_zero_stages_shard_more_memory_one_after_the_other():
+    """ZeRO-1 shards the optimizer states, ZeRO-2 the gradients too, ZeRO-3 the weights too: each stage needs
+    less per device than the one before, and the frozen weights move only at stage 3."""
+    from utils.core.config import load_config
+    from utils.training.plan import memory_estimate
+    from utils.training.sft import SFTTrainConfig
+
+    cfg = load_config(SFTTrainConfig, ROOT / "configs/llama-3.2-3b/sft.yaml")
+    est = [memory_estimate(LLAMA_3B, cfg, 4, 384, 8, zero_stage=z) for z in (0, 1, 2, 3)]
+    totals = [e["total"] for e in est]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4, totals
+    assert est[0]["weights"] == est[1]["weights"] == est[2]["weights"] > est[3]["weights"]
+
+
+def test_dry_run_of_the_cpu_recipe_converts_nothing(tmp_path):
+    """The CPU recipe's built-in base is planned from its known shape: the dry run neither converts it (that
+    loads the weights) nor needs the package; the reward model's plan counts only the layers it keeps."""
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "ECG_MODELS_DIR": str(tmp_path / "models")}
+    out = {}
+    for phase, (script, sub) in PHASES.items():
+        r = subprocess.run([sys.executable, script, *sub, "--config", f"configs/cpu/{phase}.yaml", "--dry-run",
+                            "--base-model", "smollm2-135m-instruct"] + (["--policy", "base"] if phase == "grpo" else []),
+                           cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 0, (phase, r.stderr[-2000:])
+        out[phase] = r.stdout
+    assert not (tmp_path / "models").exists()
+    assert "parameters               0.13 B" in out["sft"]
+    from utils.training.reward_model import RewardModelConfig
+
+    keep = load_config(RewardModelConfig, ROOT / "configs/cpu/reward.yaml").keep_layers
+    assert keep and "parameters               0.13 B" not in out["reward"], out["reward"]

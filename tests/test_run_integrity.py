@@ -296,3 +296,46 @@ def test_evaluation_refuses_test_items_the_model_trained_on(tmp_path):
     # the training file changed after the model trained on it: not checkable, said in the report
     note = check_test_items("sft", model, rows, other / "test.jsonl")
     assert note and "could not be checked" in note
+
+    # GRPO from that SFT model, on a GRPO split without the question: the SFT data it inherits still counts
+    from utils.training.run import training_lineage
+
+    grpo_data = tmp_path / "grpo-data"
+    (grpo_data / "grpo").mkdir(parents=True)
+    (grpo_data / "grpo/train.jsonl").write_text(json.dumps({"id": "g", "prompt": [{"role": "user",
+                                                                                   "content": "Else?"}]}) + "\n")
+    rlhf = tmp_path / "rlhf"
+    rlhf.mkdir()
+    (rlhf / "fingerprint.json").write_text(json.dumps(
+        {"data": {"grpo/train": file_sha256(grpo_data / "grpo/train.jsonl")}, "lineage": training_lineage(str(model2))}))
+    (rlhf / "train_config.yaml").write_text(f"data_dir: {grpo_data}\n")
+    with pytest.raises(UserError, match="1 test item.*sft/train.jsonl"):
+        check_test_items("rlhf", rlhf, rows, other / "test.jsonl")
+
+
+def test_push_to_hub_uploads_the_finished_folder_with_its_card(tmp_path, monkeypatch):
+    """push_to_hub creates the repo (private by default) and uploads the model folder, card included, but
+    not its completion marker."""
+    import huggingface_hub
+
+    from utils.core.config import load_config
+    from utils.training.run import push_to_hub
+    from utils.training.sft import SFTTrainConfig
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns):
+            calls.append(("upload", repo_id, folder_path, ignore_patterns))
+            return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    cfg = load_config(SFTTrainConfig, None, {"push_to_hub": True, "hub_model_id": "me/ecg-sft"})
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    assert push_to_hub(folder, cfg) == "https://huggingface.co/me/ecg-sft/commit/1"
+    assert calls[0] == ("create", "me/ecg-sft", True, True)
+    assert calls[1][:3] == ("upload", "me/ecg-sft", str(folder)) and ".complete" in calls[1][3]

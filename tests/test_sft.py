@@ -193,9 +193,15 @@ def test_cli_run_end_to_end(tmp_path, processed, tiny_llama, monkeypatch):
     r = run_script("--config", "configs/cpu/sft.yaml", "--base-model", tiny_llama, "--data-dir", processed,
                    "--run-dir", tmp_path / "run", "--max-steps", 4, "--eval-steps", 2, "--save-steps", 2,
                    "--max-eval-samples", 4, "--max-train-samples", 0, "--answer-format", "reasoning", *TINY_FLAGS,
-                   env={"ECG_MODELS_DIR": str(models)})
-    assert r.returncode == 0, r.stderr[-3000:]
+                   "--push-to-hub", "true", "--hub-model-id", "ecg-test/tiny-sft",
+                   env={"ECG_MODELS_DIR": str(models), "HF_HUB_OFFLINE": "1"})
+    # the upload cannot reach the Hub here: one line, exit 2, and the model is saved all the same
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+    assert "push_to_hub: uploading" in errors[0] and "the model is saved" in errors[0]
+    assert "huggingface-cli upload ecg-test/tiny-sft" in errors[0]
     out = models / "sft"  # output_dir "" means $ECG_MODELS_DIR/sft
+    assert (out / ".complete").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 4 and metrics["answer_format"] == "reasoning"
     assert [e["step"] for e in metrics["eval_loss"]] == [0, 2, 4]  # on start, then every 2 steps

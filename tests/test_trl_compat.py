@@ -76,3 +76,23 @@ def test_drift_falls_back_to_trls_own_trainer(trainer_cls, monkeypatch, caplog):
         cls, drift = trainer_mod.pick_trainer_class(True, True)
     assert cls is GRPOTrainer and drift
     assert any("_prepare_inputs is gone" in r.getMessage() for r in caplog.records)
+    # skip_tied_groups changes what is optimised: refused on drift, never silently dropped
+    from utils.core.config import UserError
+
+    with pytest.raises(UserError, match="skip_tied_groups.*_prepare_inputs is gone"):
+        trainer_mod.pick_trainer_class(False, False, skip_tied_groups=True)
+
+
+def test_trl_still_takes_every_loss_type_and_level():
+    """The GRPO config's loss_type and importance_sampling_level choices are the ones the installed TRL's
+    loss implements (a name TRL dropped would fail only at the first step)."""
+    from trl.trainer import grpo_trainer
+
+    from utils.core.config import _fields
+    from utils.training.grpo.config import LOSS_TYPES, GRPOTrainConfig
+
+    source = inspect.getsource(grpo_trainer.GRPOTrainer._compute_loss)
+    for name in LOSS_TYPES:
+        assert f'"{name}"' in source, f"TRL's GRPOTrainer._compute_loss no longer handles loss_type {name}"
+    for level in _fields(GRPOTrainConfig)["importance_sampling_level"].metadata["choices"]:
+        assert f'"{level}"' in source, f"TRL no longer has importance_sampling_level {level}"

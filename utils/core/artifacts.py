@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,26 @@ from utils.core.config import UserError
 log = logging.getLogger(__name__)
 
 DONE_MARKER = ".complete"  # written last: a folder without it is a half-written save
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive lock on ``path`` (created if missing) for the block: the processes of a launch
+    that all need the same one-time file work (e.g. converting the base model on a fresh machine) do it
+    once, one after the other, instead of writing over each other. POSIX ``flock``; elsewhere, no lock."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: one process per machine is the only supported launch there
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def mark_complete(folder: Path) -> None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.core.artifacts import read_log
-from utils.core.config import UserError
 from utils.evaluation.config import EvalConfig
 from utils.models.loading import load_for_inference
 
@@ -35,25 +34,13 @@ class ModelSpec:
 
 
 def model_fingerprint(path: str) -> str:
-    """A hash of a model folder's file names, sizes and modification times (and its base's, for an
-    adapter): retraining into the same folder changes it. A Hub id is its own fingerprint."""
-    from utils.models.resolve import adapter_base, resolve_model
+    """A short hash of what the model is, by content (:func:`utils.models.resolve.model_identity`: its
+    config, tokenizer and weight files, and its base's for an adapter; a Hub id is itself), the same identity
+    the training phases record: retraining into the same folder changes it, a copied or moved folder keeps
+    its cached answers."""
+    from utils.models.resolve import model_identity
 
-    p = Path(path)
-    if not p.is_dir():
-        return path
-    h = hashlib.sha1()
-    for f in sorted(p.iterdir()):
-        if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".model"):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    base = adapter_base(path)
-    if base:
-        try:
-            h.update(model_fingerprint(resolve_model(base)).encode())
-        except UserError:
-            h.update(base.encode())
-    return h.hexdigest()[:16]
+    return hashlib.sha1(json.dumps(model_identity(path), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _display_name(ref: str, taken: set[str]) -> str:

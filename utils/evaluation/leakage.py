@@ -38,34 +38,33 @@ def _item_keys(row: dict) -> tuple[str | None, str]:
     return row.get("id"), _user_text(msgs)
 
 
-def training_splits(model_dir: str | Path) -> tuple[Path | None, dict[str, str]]:
-    """``(data_dir, {split: sha256})`` of the training splits (``*/train``) a model folder records, or
-    ``(None, {})`` for a model that records none (the base model, a download)."""
+def training_sources(model_dir: str | Path) -> list[tuple[Path | None, dict[str, str]]]:
+    """``[(data_dir, {split: sha256}), ...]``: the training splits (``*/train``) a model folder records, then
+    those of the model it started from (its ``lineage``: GRPO's policy trained on SFT's data first); empty
+    for a model that records none (the base model, a download)."""
     fp_path = Path(model_dir) / FINGERPRINT
     if not fp_path.is_file():
-        return None, {}
+        return []
     try:
-        data = json.loads(fp_path.read_text(encoding="utf-8")).get("data") or {}
+        fp = json.loads(fp_path.read_text(encoding="utf-8"))
     except ValueError:
         raise UserError(f"{fp_path}: unreadable JSON; expected the fingerprint a training phase writes (run that "
                         "phase again)") from None
     trained = read_train_config(model_dir) or {}
-    data_dir = Path(trained["data_dir"]) if isinstance(trained.get("data_dir"), str) else None
-    return data_dir, {s: h for s, h in data.items() if s.endswith("/train")}
+    own = {"data_dir": trained.get("data_dir"), "data": fp.get("data") or {}}
+    out = []
+    for source in [own, *(fp.get("lineage") or [])]:
+        data_dir = Path(source["data_dir"]) if isinstance(source.get("data_dir"), str) else None
+        splits = {s: h for s, h in (source.get("data") or {}).items() if s.endswith("/train")}
+        if splits:
+            out.append((data_dir, splits))
+    return out
 
 
 def check_test_items(model_name: str, model_dir: str | Path, rows: list[dict], test_file: str | Path | None) -> str | None:
     """Refuse (one line) when test ``rows`` overlap the training data of the model at ``model_dir``. Returns
     a note for the report when the overlap could not be checked (the training files are gone or changed),
     else None."""
-    data_dir, splits = training_splits(model_dir)
-    if not splits:
-        return None
-    if test_file is not None and data_dir is not None and Path(test_file).parent.parent.resolve() == data_dir.resolve():
-        current = {s: file_sha256(data_dir / f"{s}.jsonl") for s in splits if (data_dir / f"{s}.jsonl").is_file()}
-        if current == splits:
-            return None  # the same prepared folder the model trained on: train and test are disjoint by construction
-    checked = []
     ids, texts = {}, {}
     for i, row in enumerate(rows):
         item_id, text = _item_keys(row)
@@ -73,6 +72,18 @@ def check_test_items(model_name: str, model_dir: str | Path, rows: list[dict], t
             ids[item_id] = i
         if text:
             texts[text] = i
+    notes = [n for data_dir, splits in training_sources(model_dir)
+             if (n := _check_source(model_name, data_dir, splits, rows, ids, texts, test_file))]
+    return "; ".join(notes) or None
+
+
+def _check_source(model_name: str, data_dir: Path | None, splits: dict[str, str], rows: list[dict], ids: dict,
+                  texts: dict, test_file: str | Path | None) -> str | None:
+    if test_file is not None and data_dir is not None and Path(test_file).parent.parent.resolve() == data_dir.resolve():
+        current = {s: file_sha256(data_dir / f"{s}.jsonl") for s in splits if (data_dir / f"{s}.jsonl").is_file()}
+        if current == splits:
+            return None  # the same prepared folder the model trained on: train and test are disjoint by construction
+    checked = []
     for split, sha in splits.items():
         path = (data_dir / f"{split}.jsonl") if data_dir is not None else None
         if path is None or not path.is_file() or file_sha256(path) != sha:

@@ -57,7 +57,7 @@ def load_tokenizer(ref: str, base_model: str | None = None):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        base = adapter_base(path) if Path(path).is_dir() else None
+        base = adapter_base(path)
         if base is None:
             raise _load_error(ref, path, e, " its tokenizer") from None
         tok = load_tokenizer(adapter_base_path(path, base, base_model))
@@ -81,7 +81,7 @@ def adapter_base_path(path: str, base: str, base_model: str | None) -> str:
 
 def load_model(ref: str, base_model: str | None = None, *, head: str = "causal", dtype: str = "auto",
                adapter: str = "merge", quantization=None, keep_layers: int = 0, for_training: bool = False,
-               gradient_checkpointing: bool = False):
+               gradient_checkpointing: bool = False, attn_implementation: str = "auto"):
     """Load the model ``ref`` (see :mod:`utils.models.resolve` for what a reference may be).
 
     * ``head``: ``causal`` (a language model) or ``seqcls`` (a one-logit sequence classifier, the reward
@@ -91,6 +91,8 @@ def load_model(ref: str, base_model: str | None = None, *, head: str = "causal",
       a frozen ``PeftModel``, or ``train`` it further (a trainable ``PeftModel``). A full model ignores it.
     * ``quantization``: a ``BitsAndBytesConfig`` (QLoRA) or None; each process's copy goes to its own GPU,
       since a quantized model cannot be moved after loading. Merging into a quantized base is refused.
+    * ``attn_implementation``: transformers' attention kernel (``sdpa``, ``eager``, ``flash_attention_2``,
+      ...); ``auto``: transformers' own choice.
     * ``for_training``: prepare a quantized base for k-bit training, and turn the KV cache off (it only
       serves generation, and costs memory and a warning with gradient checkpointing).
     """
@@ -99,12 +101,14 @@ def load_model(ref: str, base_model: str | None = None, *, head: str = "causal",
     if adapter not in ADAPTER_MODES:
         raise ValueError(f"adapter {adapter!r}: expected one of {', '.join(ADAPTER_MODES)}")
     path = resolve_model(ref, base_model)
-    base = adapter_base(path) if Path(path).is_dir() else None
+    base = adapter_base(path)
     if base is not None and adapter == "merge" and quantization is not None:
         raise ModelNotFound(f"{ref}: an adapter cannot be merged into a quantized base; load it with "
                             "adapter='keep' or 'train', or without quantization")
     weights = path if base is None else adapter_base_path(path, base, base_model)
     kwargs: dict = {"dtype": pick_dtype(dtype)}
+    if attn_implementation != "auto":
+        kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
         from accelerate import PartialState
 

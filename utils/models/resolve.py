@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from utils.core.artifacts import DONE_MARKER, atomic_save
+from utils.core.artifacts import DONE_MARKER, atomic_save, file_lock
 from utils.core.config import UserError
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,14 @@ def convert_smollm2(out_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir or models_root() / "base" / SMOLLM2)
     if (out_dir / DONE_MARKER).is_file() and is_complete(out_dir):
         return out_dir
+    # Every process of a launch on a fresh machine gets here: the first converts, the others then find it done.
+    with file_lock(out_dir.with_name(f".{out_dir.name}.lock")):
+        if (out_dir / DONE_MARKER).is_file() and is_complete(out_dir):
+            return out_dir
+        return _convert_smollm2(out_dir)
+
+
+def _convert_smollm2(out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
@@ -142,10 +150,13 @@ def resolve_model(ref: str, base_model: str | None = None) -> str:
 
 
 def adapter_base(folder: str) -> str | None:
-    """The base model a PEFT adapter folder was trained on, or None for a full model; one line naming the
-    file when its adapter_config.json is not the JSON PEFT writes."""
+    """The base model a PEFT adapter (a folder, or a Hub repo such as one ``push_to_hub`` wrote) was trained
+    on, or None for a full model; one line naming the file when its adapter_config.json is not the JSON PEFT
+    writes."""
     cfg = Path(folder) / "adapter_config.json"
-    if not cfg.is_file():
+    if not Path(folder).exists() and _HUB_ID.match(str(folder)):
+        cfg = _hub_adapter_config(str(folder))
+    if cfg is None or not cfg.is_file():
         return None
     try:
         base = json.loads(cfg.read_text(encoding="utf-8"))["base_model_name_or_path"]
@@ -160,6 +171,17 @@ def adapter_base(folder: str) -> str | None:
     return base
 
 
+def _hub_adapter_config(repo: str) -> Path | None:
+    """The Hub repo's adapter_config.json (from the local cache, or one request), or None when the repo has
+    none or cannot be reached now (the model load that follows then says what is wrong)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, "adapter_config.json"))
+    except Exception:  # not an adapter repo, not reachable, gated: the load itself reports those
+        return None
+
+
 def model_identity(path: str) -> dict:
     """What a resolved model is, by content: for a local folder the sha256 of its config and weight files
     (an adapter's also names its base's identity); for a Hub id, the id. Paths are left out, so a moved
@@ -168,7 +190,9 @@ def model_identity(path: str) -> dict:
 
     folder = Path(path)
     if folder.is_dir():
-        names = ("config.json", "adapter_config.json", "generation_config.json")
+        # the tokenizer's files too: its chat template shapes every prompt the model sees
+        names = ("config.json", "adapter_config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "chat_template.jinja")
         files = sorted(f for f in folder.iterdir()
                        if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name in names))
         out: dict = {"files": {f.name: file_sha256(f) for f in files}}

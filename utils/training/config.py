@@ -15,14 +15,23 @@ import difflib
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 from utils.core.config import UserError, fld, fraction, non_negative, positive
 from utils.data.formats import FORMATS
 
 log = logging.getLogger(__name__)
+
+
+ATTN_IMPLEMENTATIONS = ["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"]
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+# TRL / transformers arguments that this config sets through keys of its own (which do more than pass them on)
+OWN_KEYS = {"push_to_hub": "push_to_hub", "hub_model_id": "hub_model_id", "hub_private_repo": "hub_private",
+            "use_liger_kernel": "liger_kernel"}
 
 
 def has_cuda() -> bool:
@@ -41,6 +50,7 @@ class TrainConfig:
 
     TRL_CONFIG: ClassVar[str] = "SFTConfig"  # the trl class whose fields trainer_extra may set
     MODEL_FOLDER: ClassVar[str] = "train"  # models/<this> is the finished model when output_dir is empty
+    PIPELINE_TAG: ClassVar[str] = "text-generation"  # the Hub's task for the model card
 
     # ---- model
     base_model: str = fld("smollm2-135m-instruct", "The recipe's base model: smollm2-135m-instruct, a folder or "
@@ -51,6 +61,14 @@ class TrainConfig:
                             choices=["none", "4bit", "8bit"])
     bnb_4bit_quant_type: str = fld("nf4", "4-bit data type (nf4 is the QLoRA paper's).", choices=["nf4", "fp4"])
     bnb_double_quant: bool = fld(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    attn_implementation: str = fld("auto", "Attention kernel: auto (transformers' choice: sdpa where it can), sdpa, "
+                                   "eager, flash_attention_2 (CUDA, `pip install flash-attn`; fastest with long "
+                                   "padded batches) or flash_attention_3 (Hopper GPUs). GRPO's packed groups need sdpa "
+                                   "or eager and are skipped otherwise.", choices=ATTN_IMPLEMENTATIONS)
+    liger_kernel: bool = fld(False, "Liger's fused Triton kernels (CUDA, `pip install liger-kernel`): for SFT the "
+                             "fused linear cross-entropy loss (the logits are never materialised: much less memory "
+                             "with a 128k vocabulary) plus RMSNorm/RoPE/SwiGLU kernels; for the reward model and "
+                             "GRPO (which fuses its own log-probability head) the layer kernels.")
     # ---- adapter
     adapter: str = fld("lora", "lora: train a LoRA adapter on the frozen base; none: train every weight "
                        "(not with quantization).", choices=["lora", "none"])
@@ -109,6 +127,11 @@ class TrainConfig:
                       const="auto")
     merge: bool = fld(False, "Also write the adapter merged into the base (output_dir/merged): a plain model that "
                       "loads and generates faster.")
+    push_to_hub: bool = fld(False, "After the final save, upload output_dir (weights, tokenizer, model card "
+                            "README.md, train_config.yaml, metrics.json; merged/ too with merge: true) to the Hub "
+                            "repo hub_model_id (needs `huggingface-cli login`); checkpoints stay local.")
+    hub_model_id: str = fld("", "The Hub repo push_to_hub writes, as owner/name (created when missing).")
+    hub_private: bool = fld(True, "Create the Hub repo private (ECG-Expert-QA states no license: share with care).")
     trainer_extra: dict[str, Any] = fld(help="Extra keys passed as they are to the TRL config (checked against its "
                                         "field names at load).", default_factory=dict)
     # ---- planning a launch
@@ -127,6 +150,14 @@ class TrainConfig:
                              "expected adapter: lora")
         if not self.lora_target_modules:
             raise ValueError("lora_target_modules is empty; expected module names or [all-linear]")
+        if self.push_to_hub and not HUB_ID.fullmatch(self.hub_model_id):
+            raise ValueError(f"push_to_hub: true with hub_model_id {self.hub_model_id!r}: expected the Hub repo as "
+                             "owner/name, e.g. my-user/llama-3.2-3b-ecg-sft")
+        for key in self.trainer_extra:
+            if key in OWN_KEYS:
+                # TRL's own push_to_hub would upload the run folder's checkpoints, not the finished model and its card.
+                raise ValueError(f"trainer_extra: {key!r} has a config key of its own here; expected "
+                                 f"{OWN_KEYS[key]} instead")
         check_trainer_extra(self.trainer_extra, trl_config_class(self.TRL_CONFIG))
 
     def trl_config_class(self):
@@ -177,6 +208,24 @@ def precision_flags(cfg: TrainConfig) -> tuple[bool, bool, str]:
     return False, False, "float32"
 
 
+def check_kernels(cfg: TrainConfig, cuda: bool) -> None:
+    """Refuse, with the fix, GPU kernels asked for where they cannot run (the config itself loads anywhere,
+    so that a launch can be planned with --dry-run on a laptop)."""
+    needs = {"flash_attention_2": ("flash_attn", "flash-attn"), "flash_attention_3": ("flash_attn_interface",
+                                                                                      "flash-attn 3 (hopper build)")}
+    asked = [(f"attn_implementation: {cfg.attn_implementation}", *needs[cfg.attn_implementation])
+             ] if cfg.attn_implementation in needs else []
+    if cfg.liger_kernel:
+        asked.append(("liger_kernel: true", "liger_kernel", "liger-kernel"))
+    for what, module, package in asked:
+        if not cuda:
+            raise UserError(f"{what} needs a CUDA GPU; set it back (attn_implementation: auto, liger_kernel: false) "
+                            "on this machine")
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"{what} needs {package}, which is not installed: `make setup-gpu` (or `pip install "
+                            f"{package}`)")
+
+
 # ============================================================================= PEFT, quantization, model
 def lora_config(cfg: TrainConfig):
     """The PEFT LoRA config of the recipe, or None for full fine-tuning."""
@@ -225,6 +274,7 @@ def trl_args(cfg: TrainConfig, run_name: str, **phase_args):
     from utils.training.plan import batch_layout
 
     cuda = has_cuda()
+    check_kernels(cfg, cuda)
     lay = batch_layout(cfg)
     kwargs: dict[str, Any] = dict(
         output_dir=cfg.run_dir, run_name=run_name, seed=cfg.seed, data_seed=cfg.seed,
@@ -246,6 +296,8 @@ def trl_args(cfg: TrainConfig, run_name: str, **phase_args):
         report_to=report or "none", include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=cuda, disable_tqdm=False,
     )
+    if cfg.liger_kernel:
+        kwargs["use_liger_kernel"] = True
     kwargs.update(phase_args)
     for key, value in cfg.trainer_extra.items():
         if key in kwargs and kwargs[key] != value:
@@ -268,10 +320,11 @@ def load_for_training(cfg: TrainConfig, ref: str, *, head: str = "causal", adapt
     # Seeded before loading: weights made at load time (a reward model's score head, layers a checkpoint
     # lacks) are drawn then, before the Trainer seeds itself, and would differ from run to run.
     set_seed(cfg.seed)
+    check_kernels(cfg, has_cuda())
     from utils.models.resolve import adapter_base, resolve_model
 
     path = resolve_model(ref, cfg.base_model)
-    if adapter == "merge" and cfg.adapter == "lora" and Path(path).is_dir() and adapter_base(path) is not None:
+    if adapter == "merge" and cfg.adapter == "lora" and adapter_base(path) is not None:
         # PEFT would record the adapter's bare base as the new adapter's base: loaded later, the model would
         # silently lack the first adapter's update.
         raise UserError(f"{ref} is a LoRA adapter: a fresh adapter trained on it would be saved against its bare "
@@ -281,7 +334,8 @@ def load_for_training(cfg: TrainConfig, ref: str, *, head: str = "causal", adapt
     tok = load_tokenizer(ref, cfg.base_model)
     model = load_model(ref, cfg.base_model, head=head, dtype=dtype, adapter=adapter,
                        quantization=quantization_config(cfg), keep_layers=keep_layers, for_training=True,
-                       gradient_checkpointing=cfg.gradient_checkpointing)
+                       gradient_checkpointing=cfg.gradient_checkpointing,
+                       attn_implementation=cfg.attn_implementation)
     if head == "seqcls":
         model.config.pad_token_id = tok.pad_token_id
     return model, tok

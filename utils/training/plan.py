@@ -28,6 +28,10 @@ KNOWN_CONFIGS = {
     "meta-llama/Llama-3.2-3B-Instruct": {"hidden_size": 3072, "num_hidden_layers": 28, "intermediate_size": 8192,
                                          "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 128256,
                                          "tie_word_embeddings": True},
+    # the CPU recipe's built-in base, so that a dry run does not convert it (conversion loads the weights)
+    "smollm2-135m-instruct": {"hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
+                              "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                              "tie_word_embeddings": True},
 }
 
 
@@ -102,20 +106,22 @@ def _gcd(a: int, b: int) -> int:
 def model_shape(ref: str, base_model: str | None = None) -> dict | None:
     """The architecture numbers of model ``ref`` from its config.json (an adapter's: its base's), without
     loading weights; None when neither a local config nor a known one is at hand."""
-    from utils.models.resolve import ModelNotFound, adapter_base, resolve_model
+    from utils.models.resolve import SMOLLM2, ModelNotFound, adapter_base, models_root, resolve_model
 
+    name = base_model if ref == "base" else ref
+    if str(name).lower() == SMOLLM2:
+        cfg = models_root() / "base" / SMOLLM2 / "config.json"
+        return json.loads(cfg.read_text(encoding="utf-8")) if cfg.is_file() else KNOWN_CONFIGS[SMOLLM2]
     try:
         path = resolve_model(ref, base_model)
     except ModelNotFound:
         return KNOWN_CONFIGS.get(ref) or KNOWN_CONFIGS.get(base_model or "")
-    folder = Path(path)
-    if folder.is_dir():
-        base = adapter_base(path)
-        if base is not None:
-            return model_shape(base, base_model)
-        cfg = folder / "config.json"
-        if cfg.is_file():
-            return json.loads(cfg.read_text(encoding="utf-8"))
+    base = adapter_base(path)
+    if base is not None:
+        return model_shape(base, base_model)
+    cfg = Path(path) / "config.json"
+    if cfg.is_file():
+        return json.loads(cfg.read_text(encoding="utf-8"))
     return KNOWN_CONFIGS.get(path)
 
 
@@ -154,15 +160,22 @@ def memory_estimate(shape: dict, cfg, per_device: int, seq_len: int, world: int,
     else:
         trainable, frozen = n, 0
     weights = frozen * bytes_per + (trainable * 4 if cfg.adapter != "lora" else 0)
-    states = trainable * (4 + 4 + 4 + (4 if cfg.adapter == "lora" else 0))  # grads, Adam m and v, master copy
+    grads = trainable * 4
+    optimizer = trainable * (4 + 4 + (4 if cfg.adapter == "lora" else 0))  # Adam m and v, the fp32 master copy
+    # ZeRO-1 shards the optimizer states, ZeRO-2 the gradients too, ZeRO-3 the weights too
+    if zero_stage >= 1:
+        optimizer /= world
+    if zero_stage >= 2:
+        grads /= world
     if zero_stage == 3:
-        weights, states = weights / world, states / world
-    elif zero_stage == 2:
-        states = states / world
+        weights /= world
+    states = grads + optimizer
     h, layers = shape["hidden_size"], shape["num_hidden_layers"]
     # per token and layer: ~34 h bytes in bf16 without checkpointing (attention and MLP intermediates), ~2 h
     # with it (the layer input only); plus the logits of the vocabulary in fp32 for the loss
-    per_token = layers * h * (2 if cfg.gradient_checkpointing else 34) + shape["vocab_size"] * 4
+    # (a reward model's head has one output: no vocabulary logits)
+    logits = 4 if getattr(cfg, "PIPELINE_TAG", "text-generation") == "text-generation" else 0
+    per_token = layers * h * (2 if cfg.gradient_checkpointing else 34) + shape["vocab_size"] * logits
     activations = per_device * seq_len * per_token
     out = {"weights": weights / GIB, "trainable_and_optimizer": states / GIB, "activations": activations / GIB}
     if vllm_share:
@@ -200,6 +213,9 @@ def plan(cfg, phase: str, model_ref: str, seq_len: int, n_examples: int | None, 
            "quantization": cfg.quantization, "adapter": f"{cfg.adapter} r={cfg.lora_r}" if cfg.adapter == "lora"
            else cfg.adapter, **(extra or {})}
     shape = model_shape(model_ref, cfg.base_model)
+    if shape is not None and getattr(cfg, "keep_layers", 0):
+        # the reward model keeps only its first layers
+        shape = {**shape, "num_hidden_layers": min(cfg.keep_layers, shape["num_hidden_layers"])}
     if shape is None:
         out["memory"] = f"unknown: no config.json for {model_ref} on this machine"
         return out

@@ -34,6 +34,7 @@ class RewardModelConfig(TrainConfig, RewardMix):
 
     TRL_CONFIG: ClassVar[str] = "RewardConfig"
     MODEL_FOLDER: ClassVar[str] = "reward"
+    PIPELINE_TAG: ClassVar[str] = "text-classification"
 
     data_dir: str = fld("data/processed", "Folder written by prepare_data.py (grpo/train.jsonl, "
                         "grpo/validation.jsonl, eval/test.jsonl).")
@@ -97,6 +98,12 @@ class RewardModelConfig(TrainConfig, RewardMix):
             raise ValueError("negatives has 'sampled' but sample_model is empty; set sample_model (e.g. sft)")
 
 
+# Items per seeded sampling chunk, the unit of work a process takes: fixed (not a batch-size knob), so that
+# the negatives depend on neither the batch size nor the number of processes; 16 fills a CPU's or a GPU's
+# decode batch for a 135M-3B model.
+SAMPLE_CHUNK = 16
+
+
 def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int) -> dict[str, str]:
     """Answers sampled from ``cfg.sample_model`` for a seeded subset of ``n`` rows, keyed by row id.
     Answers too close to their reference (ROUGE-L >= 0.6) are dropped: they are not worse."""
@@ -111,20 +118,25 @@ def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int) 
     from utils.rewards.rules import rouge_l
 
     pick = random.Random(seed).sample(rows, min(n, len(rows)))
-    # Each process samples its own share (every W-th item) and the shares are gathered: W times faster on W
-    # GPUs, and every process ends up with the same negatives (the same pairs to train on).
+    # The items go in fixed chunks, each sampled with its own seed, and each process samples every W-th chunk;
+    # the chunks are then gathered: W times faster on W GPUs, every process ends up with the same negatives,
+    # and they are the same whatever W is (a 1-GPU and an 8-GPU run train on the same pairs).
     from utils.training.config import has_cuda
 
     state = PartialState(cpu=not has_cuda())  # as start_run: CPU ranks need cpu=True to form a process group
-    mine = list(range(state.process_index, len(pick), state.num_processes))
+    size = SAMPLE_CHUNK
+    chunks = [list(range(i, min(i + size, len(pick)))) for i in range(0, len(pick), size)]
     model, tok = load_for_inference(cfg.sample_model, cfg.base_model, device=str(state.device))
-    texts = generate(model, tok, [pick[i]["prompt"] for i in mine], max_new_tokens=cfg.sample_max_new_tokens,
-                     batch_size=cfg.score_batch_size, do_sample=True, temperature=1.0, top_p=0.95,
-                     seed=seed + state.process_index, progress=state.is_main_process)
+    mine = []
+    for c in range(state.process_index, len(chunks), state.num_processes):
+        texts = generate(model, tok, [pick[i]["prompt"] for i in chunks[c]], max_new_tokens=cfg.sample_max_new_tokens,
+                         batch_size=size, do_sample=True, temperature=1.0, top_p=0.95, seed=seed + c)
+        mine += list(zip(chunks[c], texts))
+        if state.is_main_process:
+            log.info("sampled chunk %d of %d", c + 1, len(chunks))
     del model
-    if state.num_processes > 1:
-        gathered = dict(gather_object(list(zip(mine, texts))))
-        texts = [gathered[i] for i in range(len(pick))]
+    gathered = dict(gather_object(mine) if state.num_processes > 1 else mine)
+    texts = [gathered[i] for i in range(len(pick))]
     out = {}
     for r, t in zip(pick, texts):
         a = parse(t, cfg.answer_format).answer
@@ -252,6 +264,10 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     started = time.time()
     train_rows, val_rows, test_rows = (read_split(cfg.data_dir, s) for s in ("grpo/train", "grpo/validation", "eval/test"))
     test_rows = subsample(test_rows, cfg.max_test_items, cfg.seed)
+    # The run folder is checked (and a resumable checkpoint found) before the sampling, which takes minutes.
+    run = start_run(cfg, data_hashes(cfg.data_dir, ["grpo/train", "grpo/validation", "eval/test"]), cfg.base_model,
+                    other_models={"sample_model": cfg.sample_model if "sampled" in cfg.negatives else None})
+    ckpt = run.checkpoint
     sampled_train = sampled_test = None
     if "sampled" in cfg.negatives:
         sampled_train = sample_answers(cfg, train_rows, cfg.sample_items, cfg.seed)
@@ -271,9 +287,6 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
 
     # base_model may be an adapter folder (e.g. sft): it is merged into its base before the fresh adapter.
     model, tok = load_for_training(cfg, cfg.base_model, head="seqcls", keep_layers=cfg.keep_layers)
-    run = start_run(cfg, data_hashes(cfg.data_dir, ["grpo/train", "grpo/validation", "eval/test"]), cfg.base_model,
-                    other_models={"sample_model": cfg.sample_model if "sampled" in cfg.negatives else None})
-    ckpt = run.checkpoint
     # Batches of similar lengths: a batch pads to its longest sequence, and answers range from one
     # sentence to a paragraph, so random batches spend ~40% of their compute on padding. The collator
     # ignores the "length" column, which therefore may stay in the dataset.

@@ -6,6 +6,7 @@ Checkpoints and TensorBoard logs live in the run folder (``runs/<phase>/``); the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -38,7 +39,9 @@ RESUME_NEUTRAL = {"resume", "merge", "output_dir", "run_dir", "data_dir", "repor
                   # the reward config's score/audit/terms commands only
                   "input", "output", "audit_items", "terms_top",
                   "time_limit_minutes", "sample_steps", "samples_to_log",  # the last three: GRPO's
-                  "dry_run", "world_size", "zero_stage"}
+                  "dry_run", "world_size", "zero_stage",
+                  # kernels compute the same function (to rounding); publishing happens after training
+                  "attn_implementation", "liger_kernel", "push_to_hub", "hub_model_id", "hub_private"}
 
 
 def _config_fingerprint(cfg) -> dict:
@@ -90,12 +93,35 @@ def fingerprint(cfg: TrainConfig, data: dict[str, str], model_ref: str | None = 
 
     out = {"config": _config_fingerprint(cfg), "data": data}
     if model_ref is not None:
-        out["model"] = model_identity(resolve_model(model_ref, cfg.base_model))
+        start = resolve_model(model_ref, cfg.base_model)
+        out["model"] = model_identity(start)
+        lineage = training_lineage(start)
+        if lineage:
+            out["lineage"] = lineage
     for name, ref in (other_models or {}).items():
         if ref:
             out[name] = model_identity(resolve_model(ref, cfg.base_model))
     out.update(packages=package_versions(), code=code_version())
     return out
+
+
+def training_lineage(model_dir: str) -> list[dict]:
+    """The training data behind a model folder a phase made, and behind the model it started from, and so
+    on: ``[{"data_dir": ..., "data": {split: sha256}}, ...]``, nearest first (GRPO's policy carries what
+    its SFT start trained on, so evaluation's leakage check sees both). Empty for a model no phase made."""
+    from utils.core.artifacts import read_train_config
+
+    path = Path(model_dir) / FINGERPRINT
+    if not path.is_file():
+        return []
+    try:
+        fp = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return []
+    trained = read_train_config(model_dir) or {}
+    own = {"data_dir": trained.get("data_dir"), "data": {k: v for k, v in (fp.get("data") or {}).items()
+                                                          if k.endswith("/train")}}
+    return [own, *(fp.get("lineage") or [])]
 
 
 def start_run(cfg: TrainConfig, data: dict[str, str] | None = None, model_ref: str | None = None,
@@ -143,7 +169,45 @@ def finish_run(trainer, cfg: TrainConfig, run: Run, metrics: dict, card: str,
                          state_dict=state_dict, fingerprint=run.fingerprint)
         mark_finished(cfg.run_dir, out)
     acc.wait_for_everyone()
+    if out is not None and cfg.push_to_hub:
+        push_to_hub(out, cfg)  # after the barrier: a failed upload cannot leave the other processes waiting
     return out
+
+
+def push_to_hub(folder: Path, cfg: TrainConfig) -> str:
+    """Upload the finished model folder (with its model card ``README.md``) to the Hub repo
+    ``cfg.hub_model_id``, created (private unless ``hub_private: false``) when missing; returns its URL.
+    The model is saved locally first, so a failed upload loses nothing: the error says how to retry."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(cfg.hub_model_id, private=cfg.hub_private, exist_ok=True)
+        info = api.upload_folder(repo_id=cfg.hub_model_id, folder_path=str(folder),
+                                 commit_message=f"{Path(sys.argv[0]).name or 'ecg-grpo'}: {folder.name}",
+                                 ignore_patterns=[".complete", "*.tmp"])
+    except Exception as e:  # network, login, permissions: all the user's to fix, none lose the saved model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"push_to_hub: uploading {folder} to {cfg.hub_model_id} failed ({first}); the model is "
+                        f"saved; retry with `huggingface-cli upload {cfg.hub_model_id} {folder}`") from None
+    url = getattr(info, "commit_url", None) or f"https://huggingface.co/{cfg.hub_model_id}"
+    log.info("pushed %s to %s", folder, url)
+    return url
+
+
+def card_metadata(cfg: TrainConfig, base_ref: str | None) -> str:
+    """The YAML front matter the Hub reads from a model card: base model (when it is a Hub id), library,
+    task and tags."""
+    from utils.training.config import HUB_ID
+
+    base = base_ref or cfg.base_model
+    lines = ["---"]
+    if HUB_ID.fullmatch(str(base)) and not Path(str(base)).exists():
+        lines.append(f"base_model: {base}")
+    lines += [f"library_name: {'peft' if cfg.adapter == 'lora' else 'transformers'}",
+              f"pipeline_tag: {cfg.PIPELINE_TAG}",
+              "tags: [ecg, medical-qa, ecg-expert-qa, trl, " + cfg.MODEL_FOLDER + "]", "---", ""]
+    return "\n".join(lines)
 
 
 def _read_record(run_dir: Path) -> dict | None:
@@ -331,7 +395,8 @@ def save_final(model, tokenizer, cfg: TrainConfig, metrics: dict, card: str, bas
         tokenizer.save_pretrained(tmp)
         dump_yaml(cfg, tmp / TRAIN_CONFIG)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
-        (tmp / "README.md").write_text(card, encoding="utf-8")
+        (tmp / "README.md").write_text(card if card.startswith("---") else card_metadata(cfg, base_ref) + card,
+                                       encoding="utf-8")
         if fingerprint is not None:
             (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, default=str), encoding="utf-8")
         if cfg.merge and cfg.adapter == "lora":
@@ -357,7 +422,27 @@ def _merge_into_base(adapter_dir: Path, out: Path, base_ref: str, cfg: TrainConf
 
     _, _, dtype = precision_flags(cfg)
     task = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
-    merged = load_model(str(adapter_dir), base_ref, head="seqcls" if task == "SEQ_CLS" else "causal",
-                        dtype="float32" if dtype == "float32" else "bfloat16",
-                        keep_layers=getattr(cfg, "keep_layers", 0))
+    with _no_zero3_init():
+        merged = load_model(str(adapter_dir), base_ref, head="seqcls" if task == "SEQ_CLS" else "causal",
+                            dtype="float32" if dtype == "float32" else "bfloat16",
+                            keep_layers=getattr(cfg, "keep_layers", 0))
     merged.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _no_zero3_init():
+    """Load a plain model on this process alone while a ZeRO-3 launch is set up. With accelerate's
+    ``zero3_init_flag: true`` (configs/accelerate/zero3.yaml), transformers builds every model under
+    ``deepspeed.zero.Init``, sharding it across the processes, a collective the other processes (waiting
+    for the main one's save) never join: the merge would hang."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:
+        yield
+        return
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref

@@ -1,9 +1,9 @@
 """The private TRL methods this project overrides, each pinned to the TRL version and signature it was
 written against.
 
-TRL offers no public hook for how ``GRPOTrainer`` samples completions or computes log-probabilities, so
-:class:`utils.training.grpo.trainer.ECGGRPOTrainer` overrides three private methods. A private method can
-change in any TRL release; :func:`overrides` records, next to each override, the parameter list and the
+TRL offers no public hook for how ``GRPOTrainer`` samples completions, computes log-probabilities or masks
+completions out of the loss, so :class:`utils.training.grpo.trainer.ECGGRPOTrainer` overrides five private
+methods. A private method can change in any TRL release; :func:`overrides` records, next to each override, the parameter list and the
 private names of TRL it relies on, and :func:`problems` compares them with the installed TRL:
 
 * a test (``tests/test_trl_compat.py``) fails with the method and the difference, so an upgrade of TRL

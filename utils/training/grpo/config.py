@@ -21,7 +21,8 @@ from utils.training.config import TrainConfig
 log = logging.getLogger(__name__)
 
 
-LOSS_TYPES = ["grpo", "dr_grpo", "dapo", "bnpo"]
+# TRL 1.16's loss types (tests/test_trl_compat.py checks that TRL still accepts each)
+LOSS_TYPES = ["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
 
 
 def _min_two(x) -> bool:
@@ -52,9 +53,21 @@ class GRPOTrainConfig(TrainConfig, RewardMix):
     temperature: float = fld(1.0, "Sampling temperature of the completions.", check=(positive, "a number > 0"))
     top_p: float = fld(1.0, "Nucleus sampling share of the completions.",
                        check=(lambda x: 0.0 < x <= 1.0, "a number in (0, 1]"))
-    loss_type: str = fld("dapo", "How token losses are averaged: grpo (per sequence, then over sequences), dr_grpo "
-                         "(over a constant), dapo (over all tokens of the step), bnpo (over the local batch's "
-                         "tokens).", choices=LOSS_TYPES)
+    loss_type: str = fld("dapo", "The policy loss (TRL's): dapo (token losses averaged over all tokens of the step: "
+                         "no length bias), grpo (per sequence, then over sequences), dr_grpo (Dr. GRPO: over a "
+                         "constant; pair it with scale_rewards: none), bnpo (over the local batch's tokens), cispo "
+                         "(clipped importance weights, MiniMax-M1), sapo (soft gate instead of clipping), luspo "
+                         "(length-unbiased GSPO; needs importance_sampling_level: sequence), vespo (soft "
+                         "sequence-level weights).", choices=LOSS_TYPES)
+    importance_sampling_level: str = fld("token", "Probability ratio per token (PPO/GRPO) or one per sequence, the "
+                                         "mean of its tokens' log-ratios (GSPO: sequence with loss_type grpo, "
+                                         "epsilon 3e-4, epsilon_high 4e-4, as its paper).",
+                                         choices=["token", "sequence"])
+    skip_tied_groups: bool = fld(False, "Leave out of the loss the completions of a prompt whose group's rewards "
+                                 "all tie (they carry no advantage, only KL and a share of the token average): the "
+                                 "step averages over the groups that teach something. DAPO's dynamic sampling "
+                                 "without its resampling (the step has fewer completions); logged as "
+                                 "skipped_tied_groups.")
     beta: float = fld(0.0, "Weight of the KL penalty to the starting policy; 0 skips the reference pass (and the KL "
                       "log).", check=(non_negative, "a number >= 0"))
     epsilon: float = fld(0.2, "Clipping range of the probability ratio (lower side).", check=(positive, "a number > 0"))
@@ -80,6 +93,9 @@ class GRPOTrainConfig(TrainConfig, RewardMix):
                          "process (several nodes).", choices=["colocate", "server"])
     vllm_gpu_memory_utilization: float = fld(0.3, "Share of GPU memory vLLM takes in colocate mode.",
                                              check=(lambda x: 0.0 < x < 1.0, "a number in (0, 1)"))
+    vllm_sleep_mode: bool = fld(False, "Colocate mode: vLLM releases its weights and KV cache while the policy "
+                                "trains and takes them back to sample (more memory for training, a wake-up "
+                                "transfer per step).")
     vllm_tensor_parallel_size: int = fld(1, "GPUs one colocated vLLM engine spans.", check=(positive, "an integer > 0"))
     vllm_server_base_url: str = fld("", "vLLM server URL in server mode, e.g. http://node0:8000; empty: "
                                     "http://localhost:8000.")
@@ -120,6 +136,13 @@ class GRPOTrainConfig(TrainConfig, RewardMix):
         if self.use_vllm is True and self.quantization != "none":
             raise ValueError(f"use_vllm with quantization {self.quantization}: vLLM cannot load the bitsandbytes "
                              "base with its adapter; expected quantization: none or use_vllm: false")
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            raise ValueError("loss_type luspo is GSPO's length-unbiased sequence loss; expected "
+                             "importance_sampling_level: sequence")
+        if self.vllm_sleep_mode and (self.use_vllm is False or self.vllm_mode != "colocate"):
+            raise ValueError(f"vllm_sleep_mode: true with use_vllm {self.use_vllm} and vllm_mode {self.vllm_mode}: "
+                             "sleep mode frees a colocated engine's memory; expected use_vllm: true or auto with "
+                             "vllm_mode: colocate")
         if self.vllm_server_base_url and not self.vllm_server_base_url.startswith(("http://", "https://")):
             raise ValueError(f"vllm_server_base_url {self.vllm_server_base_url!r}: expected http://host:port")
 

@@ -57,7 +57,7 @@ def load_policy(cfg: GRPOTrainConfig):
     from utils.models.resolve import adapter_base, resolve_model
 
     path = resolve_model(cfg.policy, cfg.base_model)
-    base = adapter_base(path) if Path(path).is_dir() else None
+    base = adapter_base(path)
     trained = read_train_config(path) if Path(path).is_dir() else None
     if trained and trained.get("answer_format", cfg.answer_format) != cfg.answer_format:
         raise UserError(f"policy {path} was trained with answer_format {trained['answer_format']} but this config "

@@ -58,7 +58,8 @@ def grpo_args(cfg: GRPOTrainConfig, reward_weights: list[float]):
         eval_strategy="no", eval_on_start=False,
         use_vllm=vllm_wanted(cfg), vllm_mode=cfg.vllm_mode,
         vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        vllm_tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+        vllm_tensor_parallel_size=cfg.vllm_tensor_parallel_size, vllm_enable_sleep_mode=cfg.vllm_sleep_mode,
+        importance_sampling_level=cfg.importance_sampling_level,
         # Keeps the extra dataset columns (reference, labels) that the rewards read.
         remove_unused_columns=False,
         # GRPO batches carry no input_ids for the Trainer to count; TRL counts the tokens itself (num_tokens).
@@ -80,11 +81,12 @@ def build_trainer(cfg: GRPOTrainConfig, train_rows: list[dict], args=None):
     funcs, weights = cfg.build()
     args = args or grpo_args(cfg, weights)
     model, tok, peft_config, base_ref = load_policy(cfg)
-    cls, _ = pick_trainer_class(cfg.fast_generation, cfg.pack_groups)
+    cls, _ = pick_trainer_class(cfg.fast_generation, cfg.pack_groups, cfg.skip_tied_groups)
     trainer = cls(model=model, reward_funcs=funcs, args=args, train_dataset=to_dataset(train_rows),
                   processing_class=tok, peft_config=peft_config)
     if cls is trainer_class():
         trainer.fast_generation, trainer.pack_groups = cfg.fast_generation, cfg.pack_groups
+        trainer.skip_tied_groups = cfg.skip_tied_groups
     return trainer, base_ref
 
 

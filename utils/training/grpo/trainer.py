@@ -1,10 +1,11 @@
-"""ECGGRPOTrainer: TRL's GRPOTrainer with faster generation and packed prompt groups.
+"""ECGGRPOTrainer: TRL's GRPOTrainer with faster generation, packed prompt groups and tied groups skipped.
 
 On the transformers generation path, completions are sampled with the LoRA update merged into the fp32
 weights (no adapter work per decoded token), and each prompt's prefill runs once for its group of
 ``num_generations`` completions, its KV cache then copied to the group's rows; the log-probability pass
 likewise runs each group's shared prompt once. ``fast_generation: false`` / ``pack_groups: false`` restore
 TRL's own paths; vLLM, continuous batching, tools and multimodal inputs always use them.
+``skip_tied_groups`` masks the completions of groups whose rewards all tie out of the loss.
 
 The overrides are of private TRL methods (TRL gives no public hook for these); each is registered with
 :func:`utils.training.trl_compat.overrides`, which records the TRL version and signature it was written
@@ -17,6 +18,7 @@ import contextlib
 import logging
 from typing import Any
 
+from utils.core.config import UserError
 from utils.training.grpo.policy import _zero3
 from utils.training.trl_compat import overrides, problems
 
@@ -181,12 +183,51 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
                 rows_ent.append(lse - (torch.softmax(lg, dim=-1) * lg).sum(-1))
         index_r += [r] * m
         index_t += list(range(m))
-    if rows_lp:
+    if not rows_lp:
+        # every completion masked out (skip_tied_groups on a batch of tied groups): a zero loss that still
+        # reaches the weights, so that backward runs (and every DDP process takes part in the reduction)
+        logps = logps + 0.0 * logits.sum()
+    else:
         idx = (torch.tensor(index_r, device=device), torch.tensor(index_t, device=device))
         logps = logps.index_put(idx, torch.cat(rows_lp))
         if compute_entropy:
             entropies = entropies.index_put(idx, torch.cat(rows_ent))
     return logps, entropies
+
+
+def tied_groups(rewards, weights, num_generations: int):
+    """Per completion: whether its group's rewards all tie, reward by reward (the rewards that train, weight
+    != 0; a completion a reward could not score, NaN, is left out of that reward's comparison). ``rewards``:
+    completions x reward functions, the groups' completions consecutive, as TRL gathers them.
+
+    >>> import torch
+    >>> tied_groups(torch.tensor([[1.], [1.], [0.], [1.]]), torch.tensor([1.]), 2).tolist()
+    [True, True, False, False]
+    """
+    import torch
+
+    r = rewards[:, weights != 0].view(-1, num_generations, int((weights != 0).sum()))
+    inf = torch.tensor(float("inf"), device=r.device)
+    high = torch.where(r.isnan(), -inf, r).amax(dim=1)
+    low = torch.where(r.isnan(), inf, r).amin(dim=1)
+    # a reward with no score in the group (high = -inf) ties trivially
+    tied = ((high - low).abs() <= 1e-6) | (high == -inf)
+    return tied.all(dim=1).repeat_interleave(num_generations)
+
+
+def drop_tied_groups(trainer, out: dict, rewards) -> dict:
+    """``skip_tied_groups``: mask this process's completions of tied groups (:func:`tied_groups`) out of the
+    loss and recount the tokens the loss averages over (TRL's ``num_items_in_batch``, over all processes)."""
+    tied = tied_groups(rewards, trainer.reward_weights.to(rewards.device), trainer.num_generations)
+    n = out["completion_mask"].size(0)
+    start = trainer.accelerator.process_index * n
+    keep = (~tied[start:start + n]).to(out["completion_mask"].device)
+    out["completion_mask"] = out["completion_mask"] * keep.unsqueeze(1).to(out["completion_mask"].dtype)
+    loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
+    out["num_items_in_batch"] = trainer.accelerator.gather(loss_mask.sum()).sum()
+    trainer._metrics["train"]["skipped_tied_groups"].append(tied.view(-1, trainer.num_generations)[:, 0]
+                                                            .float().mean().item())
+    return out
 
 
 def trainer_class():
@@ -206,6 +247,8 @@ def trainer_class():
 
         fast_generation = True
         pack_groups = True
+        skip_tied_groups = False
+        _rewards_seen = None
 
         def _packing(self) -> bool:
             # Not under ZeRO-3: every forward pass there gathers each layer's weights from all processes,
@@ -263,6 +306,20 @@ def trainer_class():
                     entropies = entropies.index_put((rows,), ent)
             return logps, entropies, None
 
+        @overrides("GRPOTrainer", ("self", "inputs", "prompts", "completions", "completion_ids_list"))
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            # Kept for skip_tied_groups: the rewards of every process's completions, before aggregation.
+            self._rewards_seen = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            return self._rewards_seen
+
+        @overrides("GRPOTrainer", ("self", "inputs"), uses=("_metrics", "reward_weights", "num_generations"))
+        def _generate_and_score_completions(self, inputs):
+            self._rewards_seen = None
+            out = super()._generate_and_score_completions(inputs)
+            if self.skip_tied_groups and self.model.training and self._rewards_seen is not None:
+                out = drop_tied_groups(self, out, self._rewards_seen)
+            return out
+
         @overrides("GRPOTrainer", ("self", "prompt_ids", "images", "multimodal_fields", "num_generations",
                                    "has_tool_images"),
                    uses=("use_transformers_continuous_batching", "_tokenizer", "eos_token_ids", "_dist",
@@ -288,16 +345,21 @@ def trainer_class():
     return _Trainer
 
 
-def pick_trainer_class(fast_generation: bool, pack_groups: bool) -> tuple[type, list[str]]:
+def pick_trainer_class(fast_generation: bool, pack_groups: bool,
+                       skip_tied_groups: bool = False) -> tuple[type, list[str]]:
     """``(class, differences)``: :class:`ECGGRPOTrainer` with its fast paths, or, when the installed TRL's
     private methods no longer fit the overrides (:func:`utils.training.trl_compat.problems`), TRL's own
     ``GRPOTrainer`` (slower, correct: no override is ever called with arguments it does not expect), with a
-    warning naming each difference. Without fast paths asked for, TRL's own class too."""
+    warning naming each difference. Without anything of ours asked for, TRL's own class too.
+    ``skip_tied_groups`` changes what is optimised, so it is never dropped silently: on drift it is refused."""
     from trl import GRPOTrainer
 
-    if not (fast_generation or pack_groups):
+    if not (fast_generation or pack_groups or skip_tied_groups):
         return GRPOTrainer, []
     drift = problems("GRPOTrainer", GRPOTrainer)
+    if drift and skip_tied_groups:
+        raise UserError("skip_tied_groups needs this project's GRPOTrainer overrides, which no longer fit the "
+                        f"installed TRL ({'; '.join(drift)}); install the pinned trl or set skip_tied_groups: false")
     if drift:
         log.warning("TRL's GRPOTrainer changed under this project's overrides; using TRL's own generation and "
                     "log-probabilities (slower, correct): %s", "; ".join(drift))
