@@ -56,6 +56,9 @@ def bench(args) -> int:
     (spec,) = resolve_models(cfg)
     prompts = [prompt_for(r, spec.answer_format) for r in rows]
     sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()] or [cfg.batch_size]
+    from utils.core.runtime import format_machine
+
+    print(f"machine: {format_machine()}")
     print(f"model {spec.name} ({spec.path}), {source}")
     print(f"greedy={not cfg.do_sample}, max_new_tokens={cfg.max_new_tokens}, dtype={cfg.dtype}, "
           f"torch threads={torch.get_num_threads()}, device={'cuda' if torch.cuda.is_available() else 'cpu'}")

@@ -298,9 +298,13 @@ def compare(args) -> None:
             sys.stderr.write(r.stderr[-3000:])
             raise UserError(f"the {side} side failed (exit {r.returncode}); its last output is above")
         results[side] = json.loads(line[len("BENCH_RESULT "):])
+    from utils.core.runtime import format_machine, machine_summary
+
+    machine = machine_summary()
+    print(f"machine: {format_machine(machine)}")
     print(report(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+        Path(args.json).write_text(json.dumps({**results, "machine": machine}, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

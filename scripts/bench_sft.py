@@ -105,8 +105,13 @@ def bench(args) -> dict:
         result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if recipe.max_steps > 0:
         result["recipe_train_minutes_estimate"] = round(recipe.max_steps * secs / args.steps / 60, 1)
+    from utils.core.runtime import format_machine, machine_summary
+
+    result["machine"] = machine_summary()
+    print(f"{'machine':>32}: {format_machine(result['machine'])}")
     for k, v in result.items():
-        print(f"{k:>32}: {v}")
+        if k != "machine":
+            print(f"{k:>32}: {v}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

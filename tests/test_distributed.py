@@ -46,7 +46,9 @@ def _launch(tmp: Path, kind: str, script: list[str], port: int) -> subprocess.Co
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script]
     else:
         cfg = tmp / f"{kind}.yaml"
-        cfg.write_text(yaml.safe_dump(ZERO3_CPU))
+        # zero3_init_flag as configs/accelerate/zero3.yaml ships it (models built sharded) for the merge's sake
+        ds = {**ZERO3_CPU["deepspeed_config"], "zero3_init_flag": kind == "zero3-init"}
+        cfg.write_text(yaml.safe_dump({**ZERO3_CPU, "deepspeed_config": ds}))
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--main_process_port",
                str(port), *script]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -73,7 +75,7 @@ def _reload_and_merge(folder: Path, head: str = "causal") -> None:
 
 
 def _needs_deepspeed(kind: str) -> None:
-    if kind == "zero3" and importlib.util.find_spec("deepspeed") is None:
+    if kind.startswith("zero3") and importlib.util.find_spec("deepspeed") is None:
         pytest.fail("deepspeed is not installed: `make setup` installs it (requirements.txt) for the ZeRO-3 tests")
 
 
@@ -100,15 +102,18 @@ def test_sft_ddp_saves_the_single_process_adapter(tmp_path, data, tiny_llama, sf
     _sft(tmp_path, data, tiny_llama, sft_single, "ddp", 29631)
 
 
-def test_sft_zero3_saves_the_single_process_adapter(tmp_path, data, tiny_llama, sft_single):
-    _sft(tmp_path, data, tiny_llama, sft_single, "zero3", 29632)
+def test_sft_zero3_saves_the_single_process_adapter_and_merges(tmp_path, data, tiny_llama, sft_single):
+    """With zero3_init_flag on, as the shipped zero3.yaml: the main process's merge (merge: true) loads the
+    base outside DeepSpeed's sharded construction, which the waiting processes would never join."""
+    _sft(tmp_path, data, tiny_llama, sft_single, "zero3-init", 29632, "--merge", "true")
+    assert (tmp_path / "out/merged/.complete").is_file()
 
 
-def _sft(tmp_path, data, tiny_llama, sft_single, kind, port):
+def _sft(tmp_path, data, tiny_llama, sft_single, kind, port, *flags):
     _needs_deepspeed(kind)
     r = _launch(tmp_path, kind, ["sft_train.py", "--config", "configs/cpu/sft.yaml", "--base-model", str(tiny_llama),
                                  "--data-dir", str(data), "--run-dir", str(tmp_path / "run"), "--output-dir",
-                                 str(tmp_path / "out"), *SFT_FLAGS], port)
+                                 str(tmp_path / "out"), *SFT_FLAGS, *flags], port)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("saved ") == 1  # the main process alone writes
     _same_tensors(_adapter(tmp_path / "out"), _adapter(sft_single), atol=1e-4)

@@ -131,6 +131,37 @@ def test_majority_baseline():
     assert majority_baseline(rows, [3]) is None
 
 
+def test_balanced_accuracy_sees_through_always_yes():
+    from utils.evaluation.stats import balanced_accuracy
+
+    rows = [{"label_yesno": v} for v in ("yes",) * 9 + ("no", None)]
+    always_yes = [{"yesno": 1.0}] * 9 + [{"yesno": 0.0}, {"yesno": None}]
+    assert balanced_accuracy(rows, always_yes, list(range(11))) == 0.5  # plain accuracy 0.9
+    mixed = [{"yesno": 1.0}] * 8 + [{"yesno": 0.0}, {"yesno": 1.0}, {}]
+    assert balanced_accuracy(rows, mixed, list(range(11))) == pytest.approx((8 / 9 + 1) / 2)
+    assert balanced_accuracy(rows, mixed, list(range(9))) is None  # one label only
+
+
+def test_a_time_limited_training_run_is_noted(tmp_path):
+    """GRPO's time limit records the steps it cut (metrics.json); evaluation turns that into a report note."""
+    import time
+    from types import SimpleNamespace
+
+    from utils.evaluation.leakage import training_stopped_early
+    from utils.training.grpo.callbacks import TimeLimit
+
+    limit = TimeLimit(0.0001)
+    state, control = SimpleNamespace(global_step=3, max_steps=10), SimpleNamespace(should_training_stop=False)
+    limit.on_step_begin(None, state, control)
+    time.sleep(0.02)
+    limit.on_step_end(None, state, control)
+    assert control.should_training_stop and limit.stopped["steps_run"] == 3
+    (tmp_path / "metrics.json").write_text(json.dumps({"stopped_by_time_limit": limit.stopped}))
+    note = training_stopped_early("rlhf", tmp_path)
+    assert "after 3 of 10 planned steps" in note and "machine" in note
+    assert training_stopped_early("sft", tmp_path / "missing") is None
+
+
 def test_sample_rows_is_seeded_and_spread_over_tasks():
     rows = [{"id": f"{t}-{i}", "task": t} for t in ("A", "B", "C") for i in range(10)]
     s1 = sample_rows(rows, per_task=4, seed=1)

@@ -109,3 +109,61 @@ def test_dry_run_of_the_cpu_recipe_converts_nothing(tmp_path):
 
     keep = load_config(RewardModelConfig, ROOT / "configs/cpu/reward.yaml").keep_layers
     assert keep and "parameters               0.13 B" not in out["reward"], out["reward"]
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_readme_gpu_table_is_the_plans():
+    """The README's GPU table is what scripts/plan_launches.py (the --dry-run functions) prints now."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_launches", ROOT / "scripts/plan_launches.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [x for x in _readme_section("On GPUs").splitlines() if x.startswith("| ")]
+    assert rows == module.table(), "README 'On GPUs' table is stale: paste `python scripts/plan_launches.py`"
+
+
+def _dry_run_of(line: str) -> tuple[str, list[str]] | None:
+    """A README launch line as the dry run of the same launch: the script and its flags, with the world
+    size from --num_processes and the ZeRO stage from the accelerate config."""
+    import shlex
+
+    words = shlex.split(line.split("#")[0])
+    script = next((i for i, w in enumerate(words) if w[:-3] in PLANS), None)
+    if script is None:
+        return None
+    launcher = words[:script]
+    world = int(launcher[launcher.index("--num_processes") + 1]) if "--num_processes" in launcher else 1
+    conf = next((w for w in launcher if w.startswith("configs/accelerate/")), "")
+    zero = 3 if "zero3" in conf else 2 if "zero2" in conf else 0
+    return words[script], [*words[script + 1:], "--dry-run", "--world-size", str(world), "--zero-stage", str(zero)]
+
+
+PLANS = {"sft_train": ("utils.training.sft", "SFTTrainConfig"),
+         "reward_model": ("utils.training.reward_model", "RewardModelConfig"),
+         "grpo_train": ("utils.training.grpo.config", "GRPOTrainConfig")}
+
+
+def test_readme_gpu_commands_plan_without_a_gpu(monkeypatch):
+    """Every training launch the README's "On GPUs" shows parses and passes its --dry-run plan here (the
+    batch layout for its process count, every flag a config key), so the documented commands start."""
+    import importlib
+
+    from utils.core.config import parse_args
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    block = _readme_section("On GPUs").split("```bash", 1)[1].split("```", 1)[0]
+    commands = [c for c in (_dry_run_of(x) for x in block.splitlines() if x.strip()) if c]
+    assert len(commands) >= 4, block
+    for script, argv in commands:
+        module, cls = PLANS[script[:-3]]
+        cfg = parse_args(getattr(importlib.import_module(module), cls), argv)
+        plan_module = importlib.import_module("utils.training.grpo.run" if script == "grpo_train.py" else module)
+        plan = plan_module.dry_run_plan(cfg)
+        assert plan["world_size"] == cfg.world_size and plan.get("memory_gib"), (script, argv, plan)

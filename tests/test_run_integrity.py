@@ -298,7 +298,7 @@ def test_evaluation_refuses_test_items_the_model_trained_on(tmp_path):
     assert note and "could not be checked" in note
 
     # GRPO from that SFT model, on a GRPO split without the question: the SFT data it inherits still counts
-    from utils.training.run import training_lineage
+    from utils.core.artifacts import training_lineage
 
     grpo_data = tmp_path / "grpo-data"
     (grpo_data / "grpo").mkdir(parents=True)

@@ -42,3 +42,38 @@ def test_shipped_yaml_loads(path):
     assert m, f"{path}: the first line must be the command that runs it, got {first!r}"
     assert path in m.group("rest"), f"{path}: its command names another file"
     load_config(config_class(m.group("script")), ROOT / path)
+
+
+SCRIPT_TOOLS = sorted(p.name for p in (ROOT / "scripts").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPT_TOOLS)
+def test_tool_help(script):
+    r = subprocess.run([sys.executable, f"scripts/{script}", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
+
+
+def test_gpu_check_without_a_gpu_says_so():
+    r = subprocess.run([sys.executable, "scripts/gpu_check.py", "--work", "/nonexistent/never-made"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines[-1].startswith("error: gpu check: no CUDA GPU here"), r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_the_recipe_end_to_end_on_a_tiny_llama(tmp_path):
+    """scripts/gpu_check.py's path on CPU: random model, fixture data, the Llama recipe's SFT and GRPO commands
+    with merge, each output reloaded (adapter and merged) and generating, figures printed and written."""
+    import json
+
+    r = subprocess.run([sys.executable, "scripts/gpu_check.py", "--tiny", "--steps", "1", "--work", str(tmp_path / "w")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "machine: " in r.stdout and "| sft | 1 |" in r.stdout and "| grpo (transformers) | 1 |" in r.stdout
+    report = json.loads((tmp_path / "w/gpu_check.json").read_text())
+    assert [x["run"] for x in report["runs"]] == ["sft", "grpo (transformers)"]
+    for row in report["runs"]:
+        assert row["steps"] == 1 and row["s_per_step"] > 0 and row["tokens_per_s"] > 0 and " | " in row["reloaded"]
+    assert (tmp_path / "w/models/sft/merged/.complete").is_file()
+    assert (tmp_path / "w/models/rlhf-transformers/merged/.complete").is_file()

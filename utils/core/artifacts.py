@@ -130,6 +130,29 @@ def checkpoint_step(path: str | Path | None) -> int:
                         "wrote") from None
 
 
+def training_lineage(model_dir: str | Path) -> list[dict]:
+    """The training data behind a model folder a phase made, then behind the model that run started from,
+    and so on: ``[{"data_dir": ..., "data": {split: sha256}}, ...]`` with the ``*/train`` splits only,
+    nearest first (GRPO's policy carries what its SFT start trained on). Empty for a model no phase made;
+    one line when its ``fingerprint.json`` is unreadable."""
+    path = Path(model_dir) / FINGERPRINT
+    if not path.is_file():
+        return []
+    try:
+        fp = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise UserError(f"{path}: unreadable JSON; expected the fingerprint a training phase writes (run that "
+                        "phase again)") from None
+    trained = read_train_config(model_dir) or {}
+    out = []
+    for source in [{"data_dir": trained.get("data_dir"), "data": fp.get("data")}, *(fp.get("lineage") or [])]:
+        data = {s: h for s, h in (source.get("data") or {}).items() if s.endswith("/train")}
+        if data:
+            out.append({"data_dir": source.get("data_dir") if isinstance(source.get("data_dir"), str) else None,
+                        "data": data})
+    return out
+
+
 def read_train_config(folder: str | Path) -> dict | None:
     """The resolved config a model folder was trained with (e.g. its ``answer_format``), or None."""
     path = Path(folder) / TRAIN_CONFIG

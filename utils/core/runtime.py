@@ -66,3 +66,53 @@ def set_threads(n: int) -> None:
         import torch
 
         torch.set_num_threads(n)
+
+
+def machine_summary() -> dict:
+    """What the machine a figure was measured on is: CPU model, cores, the vector extensions torch uses and
+    whether the CPU has native bf16 (AVX512-BF16 or AMX), and the GPUs. Speed figures differ between
+    machines of the same kind; every benchmark prints this beside its numbers."""
+    import platform
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:  # the first processor's lines are enough
+                if line.startswith("model name") and ":" in line:
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and ":" in line:
+                    flags = set(line.split(":", 1)[1].split())
+                elif not line.strip() and flags:
+                    break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count()}
+    try:
+        import torch
+
+        out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        out["threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            out["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            out["gpu_bf16"] = torch.cuda.is_bf16_supported()
+    except ImportError:
+        pass
+    if flags:
+        out["avx512"] = "avx512f" in flags
+        out["native_bf16"] = bool({"avx512_bf16", "amx_bf16"} & flags)
+    return out
+
+
+def format_machine(m: dict | None = None) -> str:
+    """:func:`machine_summary` as one line, e.g. ``AMD EPYC 7B13, 2 cores (2 threads), AVX2, no AVX-512, no
+    native bf16``."""
+    m = m or machine_summary()
+    parts = [f"{m['cpu']}, {m['cores']} cores" + (f" ({m['threads']} torch threads)" if "threads" in m else "")]
+    if "torch_cpu_capability" in m:
+        parts.append(f"torch uses {m['torch_cpu_capability']}")
+    if "avx512" in m:
+        parts.append("AVX-512" if m["avx512"] else "no AVX-512")
+        parts.append("native bf16" if m["native_bf16"] else "no native bf16")
+    if m.get("gpus"):
+        parts.append(f"GPU {m['gpus'][0]} x{len(m['gpus'])}" + (" (bf16)" if m.get("gpu_bf16") else ""))
+    return ", ".join(parts)

@@ -1,5 +1,5 @@
 """Test items against each model's training data: evaluation refuses to score a model on questions it was
-trained on.
+trained on, and notes a model whose training a time limit cut short.
 
 A model folder made by a training phase records, in ``fingerprint.json``, the sha256 of every split it read
 and, in ``train_config.yaml``, the folder they came from. When the test set belongs to the same prepared
@@ -16,7 +16,7 @@ import logging
 import re
 from pathlib import Path
 
-from utils.core.artifacts import FINGERPRINT, read_train_config
+from utils.core.artifacts import training_lineage
 from utils.core.config import UserError
 from utils.core.fingerprint import file_sha256
 
@@ -39,26 +39,9 @@ def _item_keys(row: dict) -> tuple[str | None, str]:
 
 
 def training_sources(model_dir: str | Path) -> list[tuple[Path | None, dict[str, str]]]:
-    """``[(data_dir, {split: sha256}), ...]``: the training splits (``*/train``) a model folder records, then
-    those of the model it started from (its ``lineage``: GRPO's policy trained on SFT's data first); empty
-    for a model that records none (the base model, a download)."""
-    fp_path = Path(model_dir) / FINGERPRINT
-    if not fp_path.is_file():
-        return []
-    try:
-        fp = json.loads(fp_path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise UserError(f"{fp_path}: unreadable JSON; expected the fingerprint a training phase writes (run that "
-                        "phase again)") from None
-    trained = read_train_config(model_dir) or {}
-    own = {"data_dir": trained.get("data_dir"), "data": fp.get("data") or {}}
-    out = []
-    for source in [own, *(fp.get("lineage") or [])]:
-        data_dir = Path(source["data_dir"]) if isinstance(source.get("data_dir"), str) else None
-        splits = {s: h for s, h in (source.get("data") or {}).items() if s.endswith("/train")}
-        if splits:
-            out.append((data_dir, splits))
-    return out
+    """``[(data_dir, {split: sha256}), ...]``: the training splits a model folder records, then those of the
+    model it started from (:func:`utils.core.artifacts.training_lineage`)."""
+    return [(Path(s["data_dir"]) if s["data_dir"] else None, s["data"]) for s in training_lineage(model_dir)]
 
 
 def check_test_items(model_name: str, model_dir: str | Path, rows: list[dict], test_file: str | Path | None) -> str | None:
@@ -112,3 +95,20 @@ def _check_source(model_name: str, data_dir: Path | None, splits: dict[str, str]
         log.warning("%s", note)
         return note
     return None
+
+
+def training_stopped_early(model_name: str, model_dir: str | Path) -> str | None:
+    """A note for the report when a model's training was ended by its time limit before its planned
+    steps (``stopped_by_time_limit`` in its metrics.json): such a model depends on the machine's speed."""
+    path = Path(model_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        stopped = json.loads(path.read_text(encoding="utf-8")).get("stopped_by_time_limit")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(stopped, dict):
+        return None
+    return (f"{model_name}: training stopped at its time limit ({stopped.get('minutes')} min) after "
+            f"{stopped.get('steps_run')} of {stopped.get('steps_planned')} planned steps; on a faster or slower "
+            "machine it would be another model")

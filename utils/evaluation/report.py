@@ -392,13 +392,18 @@ def report_dir(cfg, specs: list[ModelSpec]) -> Path:
 
 def _metric_table(result: EvalResult, metrics: list[str], group: str) -> Table:
     rows = []
+    balanced = result.summary.get("balanced_accuracy", {})
     for s in result.models:
         figs = result.summary["figures"][s.name][group]
-        rows.append([s.name] + [fmt_ci(m, figs.get(m)) for m in metrics])
+        bal = balanced.get(s.name, {}).get(group)
+        rows.append([s.name] + [fmt_ci(m, figs.get(m)) + (f"; balanced {bal:.3f}" if m == "yesno" and bal is not None
+                                                           else "") for m in metrics])
     maj = result.summary["majority"].get(group)
     if maj and "yesno" in metrics:
-        rows.append(["majority baseline"] + [f"{maj['accuracy']:.3f} (always {maj['label']})" if m == "yesno" else ""
-                                             for m in metrics])
+        # always one label: balanced accuracy 0.5 whatever the share
+        bal = "; balanced 0.500" if maj["accuracy"] < 1 else ""  # both labels present
+        rows.append(["majority baseline"] + [f"{maj['accuracy']:.3f} (always {maj['label']}){bal}"
+                                             if m == "yesno" else "" for m in metrics])
     ns = []
     for m in metrics:
         counts = {(result.summary["figures"][s.name][group].get(m) or {}).get("n", 0) for s in result.models}

@@ -25,7 +25,7 @@ from utils.data.formats import parse
 from utils.evaluation.answers import generate_answers, resolve_models
 from utils.evaluation.config import EvalConfig, load_items
 from utils.evaluation.judge import Judge
-from utils.evaluation.leakage import check_test_items
+from utils.evaluation.leakage import check_test_items, training_stopped_early
 from utils.evaluation.metrics import METRIC_BY_NAME, METRICS, load_wordnet, reward_model_status, score_answers
 from utils.evaluation.stats import EvalResult, compare_models, summarize
 from utils.rewards.lexicon import load_lexicon
@@ -55,6 +55,10 @@ def run_evaluation(cfg: EvalConfig) -> tuple[EvalResult, Path]:
     for spec in specs:  # no model is scored on questions it was trained on
         note = check_test_items(spec.name, spec.path, rows, None if cfg.input else cfg.test_file)
         if note:
+            notes.append(note)
+        note = training_stopped_early(spec.name, spec.path)
+        if note:
+            log.warning("%s", note)
             notes.append(note)
     judge = Judge(cfg) if cfg.judge != "none" else None
     load_lexicon(cfg.term_lexicon)

@@ -1,4 +1,5 @@
-"""Statistics of the report: bootstrap confidence intervals, paired comparisons, majority baselines.
+"""Statistics of the report: bootstrap confidence intervals, paired comparisons, majority baselines,
+balanced yes/no accuracy.
 """
 
 from __future__ import annotations
@@ -65,6 +66,24 @@ def majority_baseline(rows: list[dict], idx: list[int]) -> dict | None:
     return {"label": label, "accuracy": n / len(labels), "n": len(labels)}
 
 
+def balanced_accuracy(rows: list[dict], scores: list[dict], idx: list[int]) -> float | None:
+    """Yes/no accuracy macro-averaged over the two labels: always "yes" scores 0.5 however skewed the
+    items are (the plain accuracy of always-"yes" is the majority share). None unless both labels occur.
+
+    >>> rows = [{"label_yesno": "yes"}] * 3 + [{"label_yesno": "no"}]
+    >>> balanced_accuracy(rows, [{"yesno": 1.0}] * 3 + [{"yesno": 0.0}], [0, 1, 2, 3])
+    0.5
+    """
+    per_label = []
+    for label in ("yes", "no"):
+        vals = [scores[i]["yesno"] for i in idx
+                if rows[i].get("label_yesno") == label and scores[i].get("yesno") is not None]
+        if not vals:
+            return None
+        per_label.append(sum(vals) / len(vals))
+    return sum(per_label) / 2
+
+
 def summarize(rows: list[dict], scores: dict[str, list[dict]], metrics: list[str], cfg: EvalConfig) -> dict:
     """``{"groups": [...], "figures": {model: {group: {metric: ci}}}, "majority": {group: ...}}``, group
     'all' plus one per task."""
@@ -76,8 +95,9 @@ def summarize(rows: list[dict], scores: dict[str, list[dict]], metrics: list[str
         figures[name] = {g: {m: bootstrap_ci(_values(sc, m, idx), cfg.bootstrap, cfg.confidence, cfg.seed)
                              for m in metrics} for g, idx in groups.items()}
     majority = {g: majority_baseline(rows, idx) for g, idx in groups.items()}
+    balanced = {name: {g: balanced_accuracy(rows, sc, idx) for g, idx in groups.items()} for name, sc in scores.items()}
     return {"groups": list(groups), "sizes": {g: len(v) for g, v in groups.items()}, "figures": figures,
-            "majority": majority}
+            "majority": majority, "balanced_accuracy": balanced}
 
 
 def compare_models(scores: dict[str, list[dict]], metrics: list[str], cfg: EvalConfig) -> list[dict]:

@@ -1,5 +1,6 @@
-"""A tiny random Llama with the real Llama-3 tokenizer: the Llama recipe's code path in seconds on a CPU
-(the tests' model).
+"""Random-weight Llamas with the real Llama-3 tokenizer: a tiny one runs the Llama recipe's code path in
+seconds on a CPU (the tests' model); one with Llama-3.2-3B's shapes measures the recipe on a GPU without the
+gated weights (scripts/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ def llama3_tokenizer():
 def build_tiny_llama(out_dir: str | Path, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
     """A randomly initialised LlamaForCausalLM with the real Llama-3 tokenizer: the Llama recipe's
     code path (template, special tokens, 128k vocabulary) in seconds on a CPU."""
+    return build_random_llama(out_dir, {"hidden_size": hidden_size, "intermediate_size": hidden_size * 2,
+                                        "num_hidden_layers": layers, "num_attention_heads": 4,
+                                        "num_key_value_heads": 2}, seed=seed)
+
+
+def build_random_llama(out_dir: str | Path, shape: dict, seed: int = 0, dtype: str = "float32",
+                       device: str = "cpu") -> Path:
+    """A LlamaForCausalLM with the architecture numbers ``shape`` (a config.json's hidden_size,
+    num_hidden_layers, ...; e.g. Llama-3.2-3B's from utils.training.plan.KNOWN_CONFIGS), random weights
+    built directly in ``dtype`` on ``device`` (a 3B model in bf16 on a GPU takes seconds), and the real
+    Llama-3 tokenizer; saved once into ``out_dir``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -49,11 +61,17 @@ def build_tiny_llama(out_dir: str | Path, hidden_size: int = 64, layers: int = 2
         return out_dir
     tok = llama3_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg)
+    numbers = {k: v for k, v in shape.items() if k != "vocab_size"}
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      **{"tie_word_embeddings": True, **numbers})
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
 
     def save(tmp: Path):
         model.save_pretrained(tmp)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from utils.core.artifacts import FINGERPRINT, METRICS_FILE, TRAIN_CONFIG, checkpoints
+from utils.core.artifacts import FINGERPRINT, METRICS_FILE, TRAIN_CONFIG, checkpoints, training_lineage
 from utils.core.config import UserError, dump_yaml, to_dict
 from utils.core.fingerprint import differences
 from utils.training.config import TrainConfig, precision_flags
@@ -95,7 +95,7 @@ def fingerprint(cfg: TrainConfig, data: dict[str, str], model_ref: str | None = 
     if model_ref is not None:
         start = resolve_model(model_ref, cfg.base_model)
         out["model"] = model_identity(start)
-        lineage = training_lineage(start)
+        lineage = training_lineage(start) if Path(start).is_dir() else []
         if lineage:
             out["lineage"] = lineage
     for name, ref in (other_models or {}).items():
@@ -103,25 +103,6 @@ def fingerprint(cfg: TrainConfig, data: dict[str, str], model_ref: str | None = 
             out[name] = model_identity(resolve_model(ref, cfg.base_model))
     out.update(packages=package_versions(), code=code_version())
     return out
-
-
-def training_lineage(model_dir: str) -> list[dict]:
-    """The training data behind a model folder a phase made, and behind the model it started from, and so
-    on: ``[{"data_dir": ..., "data": {split: sha256}}, ...]``, nearest first (GRPO's policy carries what
-    its SFT start trained on, so evaluation's leakage check sees both). Empty for a model no phase made."""
-    from utils.core.artifacts import read_train_config
-
-    path = Path(model_dir) / FINGERPRINT
-    if not path.is_file():
-        return []
-    try:
-        fp = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return []
-    trained = read_train_config(model_dir) or {}
-    own = {"data_dir": trained.get("data_dir"), "data": {k: v for k, v in (fp.get("data") or {}).items()
-                                                          if k.endswith("/train")}}
-    return [own, *(fp.get("lineage") or [])]
 
 
 def start_run(cfg: TrainConfig, data: dict[str, str] | None = None, model_ref: str | None = None,
@@ -375,6 +356,13 @@ def training_metrics(trainer, extra: dict | None = None) -> dict:
            "num_input_tokens_seen": state.num_input_tokens_seen,
            "train": {k: v for k, v in summary.items() if k != "step"},
            "eval_loss": evals, "train_loss": train_logs, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    import torch
+
+    from utils.core.runtime import machine_summary
+
+    if torch.cuda.is_available():
+        out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)  # this process's GPU
+    out["machine"] = machine_summary()  # what any time or throughput figure above was measured on
     if evals:
         out["eval_loss_first"], out["eval_loss_last"] = evals[0]["eval_loss"], evals[-1]["eval_loss"]
     out.update(extra or {})

@@ -147,6 +147,7 @@ class TimeLimit(_Callback):
     def __init__(self, minutes: float):
         self.seconds = minutes * 60
         self.started = None
+        self.stopped = None  # {"steps_run", "steps_planned", "minutes"} once the limit ended the run
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.started is None:
@@ -154,8 +155,10 @@ class TimeLimit(_Callback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.seconds and self.started is not None and time.time() - self.started > self.seconds:
-            log.info("time limit of %.0f minutes reached at step %d of %d; finishing", self.seconds / 60,
-                     state.global_step, state.max_steps)
+            log.warning("time limit of %.0f minutes reached at step %d of %d planned; finishing early: the "
+                        "model depends on this machine's speed", self.seconds / 60, state.global_step, state.max_steps)
+            self.stopped = {"steps_run": state.global_step, "steps_planned": state.max_steps,
+                            "minutes": round(self.seconds / 60, 1)}
             control.should_training_stop = True
             control.should_save = True
 

@@ -112,8 +112,9 @@ def dry_run_plan(cfg: GRPOTrainConfig) -> dict:
     n = count_rows(Path(cfg.data_dir) / "grpo" / "train.jsonl")
     n = min(n, cfg.max_train_prompts) * cfg.num_generations if n and cfg.max_train_prompts else \
         (n * cfg.num_generations if n else None)
-    # use_vllm: auto is planned as vLLM: the GPU machine the plan is for is where it would be found
-    vllm = cfg.use_vllm is True or cfg.use_vllm == "auto" or vllm_wanted(cfg)
+    # use_vllm: auto is planned as vLLM (the GPU machine the plan is for is where it would be found), except
+    # with a quantized base, which vLLM cannot load with its adapter
+    vllm = cfg.use_vllm is True or (cfg.use_vllm == "auto" and cfg.quantization == "none")
     colocate = vllm and cfg.vllm_mode == "colocate"
     extra = {"prompts_per_step": cfg.batch_size // cfg.num_generations, "generation_batch": cfg.batch_size,
              "generation": (f"vLLM ({cfg.vllm_mode})" + (", when installed" if cfg.use_vllm == "auto" else ""))
@@ -148,7 +149,8 @@ def run_grpo(cfg: GRPOTrainConfig) -> dict:
     log.info("training %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
     held = HeldOutReward(cfg, heldout, trainer.processing_class)
     samples = SampleLogger(cfg)
-    for cb in (held, samples, TimeLimit(cfg.time_limit_minutes)):
+    limit = TimeLimit(cfg.time_limit_minutes)
+    for cb in (held, samples, limit):
         cb.trainer = trainer
         trainer.add_callback(cb)
     trainer.callback_handler.callbacks.insert(0, DropEmptyMetrics())
@@ -156,6 +158,8 @@ def run_grpo(cfg: GRPOTrainConfig) -> dict:
     trainer.train(resume_from_checkpoint=ckpt)
     wall = time.time() - started
     metrics = final_metrics(cfg, trainer, ckpt, len(train), wall)
+    if limit.stopped:
+        metrics["stopped_by_time_limit"] = limit.stopped  # evaluation's report says so beside the results
     model = trainer.model
     if hasattr(model, "peft_config") and "ref" in model.peft_config:
         model.delete_adapter("ref")  # TRL's frozen copy for the KL term, not part of the result
@@ -172,7 +176,8 @@ def run_grpo(cfg: GRPOTrainConfig) -> dict:
 def final_metrics(cfg: GRPOTrainConfig, trainer, ckpt: str | None, n_train: int, wall: float) -> dict:
     history = trainer.state.log_history
     rewards = [{k: v for k, v in h.items() if k == "step" or k == "reward" or k.startswith("rewards/")
-                or k in ("kl", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio")}
+                or k in ("kl", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
+                         "skipped_tied_groups", "num_tokens")}
                for h in history if "reward" in h]
     summary = next((h for h in reversed(history) if "train_runtime" in h), {})
     steps_run = trainer.state.global_step - checkpoint_step(ckpt)
