@@ -123,7 +123,9 @@ def _sft(tmp_path, data, tiny_llama, sft_single, kind, port, *flags):
 
 RM_FLAGS = ["--lora-r", "4", "--lora-alpha", "8", "--batch-size", "4", "--per-device-batch-size", "2",
             "--max-steps", "2", "--learning-rate", "1e-3", "--keep-layers", "0", "--max-train-pairs", "8",
-            "--negatives", "flip_yesno,numbers,truncate", "--max-eval-pairs", "0", "--max-test-items", "8",
+            "--negatives", "flip_yesno,numbers,truncate,sampled", "--max-eval-pairs", "0", "--max-test-items", "8",
+            # sampled negatives in 3 seeded chunks, split over the ranks and gathered: the same pairs as 1 process
+            "--sample-model", "base", "--sample-items", "40", "--sample-max-new-tokens", "8",
             "--save-steps", "100", "--report-to", "", "--num-threads", "1", "--warmup-ratio", "0",
             "--lr-scheduler", "constant", "--trainer-extra", "{optim: sgd}"]  # SGD: see SFT_FLAGS
 
@@ -152,6 +154,8 @@ def _reward_model(tmp_path, data, tiny_llama, rm_single, kind, port):
                                  str(tiny_llama), "--data-dir", str(data), "--run-dir", str(tmp_path / "run"),
                                  "--output-dir", str(tmp_path / "out"), *RM_FLAGS], port)
     assert r.returncode == 0, r.stderr[-3000:]
+    ours, single = (json.loads((p / "metrics.json").read_text()) for p in (tmp_path / "out", rm_single))
+    assert ours["train_pair_types"].get("sampled") and ours["train_pair_types"] == single["train_pair_types"]
     _same_tensors(_adapter(tmp_path / "out"), _adapter(rm_single), atol=1e-4)
     _reload_and_merge(tmp_path / "out", head="seqcls")
 

@@ -12,6 +12,7 @@ A model reference is one of
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -171,14 +172,24 @@ def adapter_base(folder: str) -> str | None:
     return base
 
 
+@functools.lru_cache(maxsize=64)
 def _hub_adapter_config(repo: str) -> Path | None:
-    """The Hub repo's adapter_config.json (from the local cache, or one request), or None when the repo has
-    none or cannot be reached now (the model load that follows then says what is wrong)."""
-    from huggingface_hub import hf_hub_download
+    """The Hub repo's adapter_config.json, or None when the repo has none or cannot be reached now (the
+    model load that follows then says what is wrong). The local cache first; then one request without
+    retries (hf_hub_download retries a failed connection for ~25 s, on every call), once per process."""
+    from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
 
+    for name, is_adapter in (("adapter_config.json", True), ("config.json", False)):
+        cached = try_to_load_from_cache(repo, name)
+        if isinstance(cached, str):
+            return Path(cached) if is_adapter else None
+    if constants.HF_HUB_OFFLINE:
+        return None
     try:
+        if not HfApi().file_exists(repo, "adapter_config.json"):
+            return None
         return Path(hf_hub_download(repo, "adapter_config.json"))
-    except Exception:  # not an adapter repo, not reachable, gated: the load itself reports those
+    except Exception:  # not reachable, gated, no such repo: the load itself reports those
         return None
 
 
