@@ -197,7 +197,8 @@ def test_interrupted_save_never_looks_complete(tmp_path, tiny_llama):
     with pytest.raises(KeyboardInterrupt):
         save_final(Dies(), tok, c, {"global_step": 2}, "# second\n")
     # the earlier model is untouched; the half-written one is only a .tmp sibling without the marker
-    assert (good / "README.md").read_text() == "# first\n" and resolve_model(str(good)) == str(good)
+    card = (good / "README.md").read_text()  # the card, behind the Hub's front matter
+    assert card.startswith("---\n") and card.endswith("---\n# first\n") and resolve_model(str(good)) == str(good)
     assert all(not (t / DONE_MARKER).exists() for t in tmp_path.glob("*.tmp-*"))
 
 
