@@ -17,8 +17,9 @@ def _keep_freed_memory() -> bool:
     By default a block over 32 MB (the logits of one batch: 4 x 259 x 49k vocabulary in fp32 is 200 MB)
     is mmap'ed when allocated and unmapped when freed, so every training step faults its pages in again
     and the kernel zeroes them: a third of SFT's CPU time went to the system. Served from the heap and
-    kept there, they are reused (scripts/bench_sft.py: 17.2 -> 12.8 s/step on the CPU recipe, peak memory
-    +4%). ECG_MALLOC_TUNING=0 turns this off.
+    kept there, they are reused (scripts/bench_sft.py on the CPU recipe: 17.2 -> 12.8 s/step when first
+    measured; 13.4 -> 12.6 s/step, peak memory +4%, on 2026-12-03; docs/EXPERIMENTS.md). ECG_MALLOC_TUNING=0
+    turns this off.
     """
     if os.environ.get("ECG_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return False
