@@ -30,21 +30,31 @@ SETUPS = [
 PHASES = ["sft", "reward", "grpo"]
 
 
+# script -> (module of its config class, the class, module of its dry_run_plan)
+SCRIPTS = {"sft_train.py": ("utils.training.sft", "SFTTrainConfig", "utils.training.sft"),
+           "reward_model.py": ("utils.training.reward_model", "RewardModelConfig", "utils.training.reward_model"),
+           "grpo_train.py": ("utils.training.grpo.config", "GRPOTrainConfig", "utils.training.grpo.run")}
+PHASE_SCRIPTS = {"sft": "sft_train.py", "reward": "reward_model.py", "grpo": "grpo_train.py"}
+
+
+def dry_run(script: str, argv: list[str] | None = None, over: dict | None = None) -> dict:
+    """What ``<script> <argv> --dry-run`` prints, as a dict, in this process: the script's config class
+    parsed from ``argv`` (flags and ``--config``), ``over`` on top."""
+    import importlib
+
+    from utils.core.config import build_parser
+
+    module, cls_name, plan_module = SCRIPTS[script]
+    cls = getattr(importlib.import_module(module), cls_name)
+    ns = build_parser(cls).parse_args(argv or [])
+    overrides = {k: v for k, v in vars(ns).items() if k != "config"}
+    cfg = load_config(cls, ns.config, {**overrides, **(over or {}), "dry_run": True})
+    return importlib.import_module(plan_module).dry_run_plan(cfg)
+
+
 def plan_for(phase: str, world: int, zero: int, over: dict) -> dict:
-    over = {**over, "world_size": world, "zero_stage": zero, "dry_run": True}
-    path = f"configs/llama-3.2-3b/{phase}.yaml"
-    if phase == "sft":
-        from utils.training.sft import SFTTrainConfig, dry_run_plan
-
-        return dry_run_plan(load_config(SFTTrainConfig, path, over))
-    if phase == "reward":
-        from utils.training.reward_model import RewardModelConfig, dry_run_plan
-
-        return dry_run_plan(load_config(RewardModelConfig, path, over))
-    from utils.training.grpo.config import GRPOTrainConfig
-    from utils.training.grpo.run import dry_run_plan
-
-    return dry_run_plan(load_config(GRPOTrainConfig, path, over))
+    return dry_run(PHASE_SCRIPTS[phase], ["--config", f"configs/llama-3.2-3b/{phase}.yaml"],
+                   {**over, "world_size": world, "zero_stage": zero})
 
 
 def cell(plan: dict) -> str:

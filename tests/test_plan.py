@@ -95,17 +95,13 @@ def test_zero_stages_shard_more_memory_one_after_the_other():
 def test_dry_run_of_the_cpu_recipe_converts_nothing(tmp_path, monkeypatch):
     """The CPU recipe's built-in base is planned from its known shape: the dry run neither converts it (that
     loads the weights) nor needs the package; the reward model's plan counts only the layers it keeps."""
-    import importlib
-
     monkeypatch.setenv("ECG_MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    launches = _plan_launches()
     plans = {}
-    for phase, (module, cls) in {"sft": PLANS["sft_train"], "reward": PLANS["reward_model"],
-                                 "grpo": PLANS["grpo_train"]}.items():
-        over = {"dry_run": True, "base_model": "smollm2-135m-instruct", **({"policy": "base"} if phase == "grpo" else {})}
-        cfg = load_config(getattr(importlib.import_module(module), cls), ROOT / f"configs/cpu/{phase}.yaml", over)
-        plan_module = importlib.import_module("utils.training.grpo.run" if phase == "grpo" else module)
-        plans[phase] = plan_module.dry_run_plan(cfg)
+    for phase, script in launches.PHASE_SCRIPTS.items():
+        argv = ["--config", f"configs/cpu/{phase}.yaml", "--base-model", "smollm2-135m-instruct"]
+        plans[phase] = launches.dry_run(script, argv + (["--policy", "base"] if phase == "grpo" else []))
     assert not (tmp_path / "models").exists()
     assert plans["sft"]["parameters"] == plans["grpo"]["parameters"] == "0.13 B"
     assert plans["reward"]["parameters"] != "0.13 B"  # keep_layers: 8 of SmolLM2's 30
@@ -118,13 +114,18 @@ def _readme_section(title: str) -> str:
     return text[start:end if end > 0 else None]
 
 
-def test_readme_gpu_table_is_the_plans():
-    """The README's GPU table is what scripts/plan_launches.py (the --dry-run functions) prints now."""
+def _plan_launches():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("plan_launches", ROOT / "scripts/plan_launches.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_gpu_table_is_the_plans():
+    """The README's GPU table is what scripts/plan_launches.py (the --dry-run functions) prints now."""
+    module = _plan_launches()
     rows = [x for x in _readme_section("On GPUs").splitlines() if x.startswith("|")]
     assert rows == module.table(), "README 'On GPUs' table is stale: paste `python scripts/plan_launches.py`"
 
@@ -135,7 +136,7 @@ def _dry_run_of(line: str) -> tuple[str, list[str]] | None:
     import shlex
 
     words = shlex.split(line.split("#")[0])
-    script = next((i for i, w in enumerate(words) if w[:-3] in PLANS), None)
+    script = next((i for i, w in enumerate(words) if w in _plan_launches().SCRIPTS), None)
     if script is None:
         return None
     launcher = words[:script]
@@ -145,25 +146,31 @@ def _dry_run_of(line: str) -> tuple[str, list[str]] | None:
     return words[script], [*words[script + 1:], "--dry-run", "--world-size", str(world), "--zero-stage", str(zero)]
 
 
-PLANS = {"sft_train": ("utils.training.sft", "SFTTrainConfig"),
-         "reward_model": ("utils.training.reward_model", "RewardModelConfig"),
-         "grpo_train": ("utils.training.grpo.config", "GRPOTrainConfig")}
-
-
 def test_readme_gpu_commands_plan_without_a_gpu(monkeypatch):
     """Every training launch the README's "On GPUs" shows parses and passes its --dry-run plan here (the
     batch layout for its process count, every flag a config key), so the documented commands start."""
-    import importlib
-
-    from utils.core.config import parse_args
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     block = _readme_section("On GPUs").split("```bash", 1)[1].split("```", 1)[0]
     commands = [c for c in (_dry_run_of(x) for x in block.splitlines() if x.strip()) if c]
     assert len(commands) >= 4, block
+    plans = _plan_launches()
     for script, argv in commands:
-        module, cls = PLANS[script[:-3]]
-        cfg = parse_args(getattr(importlib.import_module(module), cls), argv)
-        plan_module = importlib.import_module("utils.training.grpo.run" if script == "grpo_train.py" else module)
-        plan = plan_module.dry_run_plan(cfg)
-        assert plan["world_size"] == cfg.world_size and plan.get("memory_gib"), (script, argv, plan)
+        plan = plans.dry_run(script, argv)
+        world = int(argv[argv.index("--world-size") + 1])
+        assert plan["world_size"] == world and plan.get("memory_gib"), (script, argv, plan)
+
+
+def test_gpu_kernels_on_a_machine_without_cuda_are_one_line():
+    """attn_implementation: flash_attention_2 and liger_kernel load anywhere (plans), and are refused with the
+    fix when a model is to be trained without CUDA, or without their package."""
+    from utils.training.config import check_kernels
+    from utils.training.sft import SFTTrainConfig
+
+    for over in ({"attn_implementation": "flash_attention_2"}, {"liger_kernel": True}):
+        cfg = load_config(SFTTrainConfig, ROOT / "configs/llama-3.2-3b/sft.yaml", over)
+        with pytest.raises(UserError, match="needs a CUDA GPU") as e:
+            check_kernels(cfg, cuda=False)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="needs flash-attn, which is not installed"):
+        check_kernels(load_config(SFTTrainConfig, None, {"attn_implementation": "flash_attention_2"}), cuda=True)
+    check_kernels(load_config(SFTTrainConfig, None, {}), cuda=False)  # nothing asked: nothing refused

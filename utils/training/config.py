@@ -208,16 +208,23 @@ def precision_flags(cfg: TrainConfig) -> tuple[bool, bool, str]:
     return False, False, "float32"
 
 
-def check_kernels(cfg: TrainConfig, cuda: bool) -> None:
-    """Refuse, with the fix, GPU kernels asked for where they cannot run (the config itself loads anywhere,
-    so that a launch can be planned with --dry-run on a laptop)."""
-    needs = {"flash_attention_2": ("flash_attn", "flash-attn"), "flash_attention_3": ("flash_attn_interface",
-                                                                                      "flash-attn 3 (hopper build)")}
-    asked = [(f"attn_implementation: {cfg.attn_implementation}", *needs[cfg.attn_implementation])
-             ] if cfg.attn_implementation in needs else []
+# GPU kernels a config may ask for: (what the config says, the module to find, the package to install)
+def _kernels_asked(cfg: TrainConfig) -> list[tuple[str, str, str]]:
+    flash = {"flash_attention_2": ("flash_attn", "flash-attn"),
+             "flash_attention_3": ("flash_attn_interface", "flash-attn 3 (hopper build)")}
+    asked = []
+    if cfg.attn_implementation in flash:
+        asked.append((f"attn_implementation: {cfg.attn_implementation}", *flash[cfg.attn_implementation]))
     if cfg.liger_kernel:
         asked.append(("liger_kernel: true", "liger_kernel", "liger-kernel"))
-    for what, module, package in asked:
+    return asked
+
+
+def check_kernels(cfg: TrainConfig, cuda: bool) -> None:
+    """Refuse, with the fix, GPU kernels asked for where they cannot run (the config itself loads anywhere,
+    so that a launch can be planned with --dry-run on a laptop). Checked when the model is loaded for
+    training, before any trainer is built."""
+    for what, module, package in _kernels_asked(cfg):
         if not cuda:
             raise UserError(f"{what} needs a CUDA GPU; set it back (attn_implementation: auto, liger_kernel: false) "
                             "on this machine")
@@ -274,7 +281,6 @@ def trl_args(cfg: TrainConfig, run_name: str, **phase_args):
     from utils.training.plan import batch_layout
 
     cuda = has_cuda()
-    check_kernels(cfg, cuda)
     lay = batch_layout(cfg)
     kwargs: dict[str, Any] = dict(
         output_dir=cfg.run_dir, run_name=run_name, seed=cfg.seed, data_seed=cfg.seed,

@@ -124,13 +124,12 @@ def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int) 
     from utils.training.config import has_cuda
 
     state = PartialState(cpu=not has_cuda())  # as start_run: CPU ranks need cpu=True to form a process group
-    size = SAMPLE_CHUNK
-    chunks = [list(range(i, min(i + size, len(pick)))) for i in range(0, len(pick), size)]
+    chunks = [list(range(i, min(i + SAMPLE_CHUNK, len(pick)))) for i in range(0, len(pick), SAMPLE_CHUNK)]
     model, tok = load_for_inference(cfg.sample_model, cfg.base_model, device=str(state.device))
     mine = []
     for c in range(state.process_index, len(chunks), state.num_processes):
         texts = generate(model, tok, [pick[i]["prompt"] for i in chunks[c]], max_new_tokens=cfg.sample_max_new_tokens,
-                         batch_size=size, do_sample=True, temperature=1.0, top_p=0.95, seed=seed + c)
+                         batch_size=SAMPLE_CHUNK, do_sample=True, temperature=1.0, top_p=0.95, seed=seed + c)
         mine += list(zip(chunks[c], texts))
         if state.is_main_process:
             log.info("sampled chunk %d of %d", c + 1, len(chunks))
