@@ -7,7 +7,8 @@ Usage:
 
 Generates fresh answers (the cache is neither read nor written) for the first N questions of the
 recipe's seeded sample, once per batch size, then scores them with every metric of the report. Prints
-answers/s and new tokens/s per batch size, scoring answers/s, and what a whole evaluation would take.
+answers/s and new tokens/s per batch size with their share of the machine's decode bound at that batch
+size (utils.core.runtime.decode_bound), scoring answers/s, and what a whole evaluation would take.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 from utils.core.cli import guarded, setup_logging
 from utils.core.config import load_config
-from utils.core.runtime import configure_process
+from utils.core.runtime import configure_process, decode_bound, machine_bound
 from utils.models.loading import load_for_inference
 
 
@@ -65,8 +66,11 @@ def bench(args) -> int:
     t0 = time.time()
     model, tok = load_for_inference(spec.path, cfg.base_model, dtype=cfg.dtype)
     print(f"load: {time.time() - t0:.1f} s")
+    bound = machine_bound(next(model.parameters()).dtype)
+    print(f"measured: {bound['bandwidth_gb_s']} GB/s copy, {bound['matmul_gflop_s']} GFLOP/s matmul")
     answers, best = None, 0.0
-    print(f"{'batch':>5}  {'answers':>7}  {'seconds':>7}  {'answers/s':>9}  {'tokens/s':>8}  {'tokens/answer':>13}")
+    print(f"{'batch':>5}  {'answers':>7}  {'seconds':>7}  {'answers/s':>9}  {'tokens/s':>8}  {'tokens/answer':>13}  "
+          f"{'bound tok/s':>11}  {'of bound':>8}  engine")
     for bs in sizes:
         t0 = time.time()
         answers = generation.generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=bs,
@@ -74,8 +78,10 @@ def bench(args) -> int:
         dt = time.time() - t0
         st = generation.last_stats
         best = max(best, len(prompts) / dt)
+        tps_bound = decode_bound(model, bs, bound)
         print(f"{bs:>5}  {len(prompts):>7}  {dt:>7.1f}  {len(prompts) / dt:>9.2f}  {st.new_tokens / dt:>8.0f}  "
-              f"{st.new_tokens / len(prompts):>13.1f}")
+              f"{st.new_tokens / len(prompts):>13.1f}  {tps_bound:>11.0f}  {st.new_tokens / dt / tps_bound:>8.0%}  "
+              f"{st.engine}")
     del model
     reward_model, note = reward_model_status(cfg)
     wordnet = load_wordnet()

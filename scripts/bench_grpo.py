@@ -40,7 +40,7 @@ from pathlib import Path
 
 from utils.core.cli import guarded, setup_logging
 from utils.core.config import UserError, load_config
-from utils.core.runtime import configure_process
+from utils.core.runtime import configure_process, decode_bound, machine_bound
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,28 +78,6 @@ def grpo_config(args, side: str, run_dir: str):
             overrides[k.replace("-", "_")] = v
     return load_config(GRPOTrainConfig, ROOT / args.config if not Path(args.config).is_absolute() else args.config,
                        overrides)
-
-
-# ============================================================================= machine bound
-def machine_bound(dtype) -> dict:
-    """Memory bandwidth (GB/s, a large copy) and matmul speed (GFLOP/s, a decode-sized GEMM) of this
-    machine right now, in the generation dtype."""
-    import torch
-
-    a = torch.empty(64 * 2**20, dtype=torch.float32)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    t = time.perf_counter()
-    for _ in range(5):
-        b.copy_(a)
-    bw = 5 * 2 * a.numel() * 4 / (time.perf_counter() - t) / 1e9
-    x, w = torch.randn(256, 1024, dtype=dtype), torch.randn(4096, 1024, dtype=dtype)
-    torch.nn.functional.linear(x, w)
-    t = time.perf_counter()
-    for _ in range(10):
-        torch.nn.functional.linear(x, w)
-    flops = 10 * 2 * 256 * 1024 * 4096 / (time.perf_counter() - t) / 1e9
-    return {"bandwidth_gb_s": round(bw, 1), "matmul_gflop_s": round(flops, 1)}
 
 
 # ============================================================================= one side
@@ -203,13 +181,9 @@ def worker(args) -> dict:
         per_step = targs.per_device_train_batch_size * targs.gradient_accumulation_steps * targs.world_size
     steps = len(meter.step_s)
     wall = sum(meter.step_s)
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     rows_per_call = meter.rows / max(meter.calls, 1)
     gen_tps = meter.tokens / meter.gen_s if meter.gen_s else 0.0
-    # One decode step reads every weight once for all rows decoded together, and costs 2 FLOPs per weight per row.
-    tps_bound = min(rows_per_call * bound["bandwidth_gb_s"] * 1e9 / weight_bytes,
-                    bound["matmul_gflop_s"] * 1e9 / (2 * n_params))
+    tps_bound = decode_bound(model, rows_per_call, bound)
     return {
         "side": side, "steps": steps, "completions_per_step": per_step, "per_device_batch": targs.per_device_train_batch_size,
         "gradient_checkpointing": bool(targs.gradient_checkpointing), "bf16": bool(targs.bf16),

@@ -71,3 +71,99 @@ def test_sampling_is_repeatable_with_a_seed(tiny):
 def test_stop_tokens_include_the_end_of_turn(tiny):
     model, tok = tiny
     assert tok.convert_tokens_to_ids("<|eot_id|>") in stop_token_ids(tok, model)
+
+
+# ----------------------------------------------------------------------------- utils/models/decode.py
+def _encode(tok, prompts):
+    return [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            for p in prompts]
+
+
+def _reference(model, ids, max_new, stops, pad):
+    """model.generate one prompt at a time (no padding), cut after the first stop token."""
+    import torch
+
+    out = []
+    for p in ids:
+        new = model.generate(input_ids=torch.tensor([p]), max_new_tokens=max_new, do_sample=False, eos_token_id=stops,
+                             pad_token_id=pad, temperature=None, top_p=None, top_k=None)[0, len(p):].tolist()
+        out.append(next((new[:k + 1] for k, t in enumerate(new) if t in stops), new))
+    return out
+
+
+MORE = PROMPTS + [
+    [SYSTEM, {"role": "user", "content": "Is a PR interval of 250 ms first-degree AV block?"}],
+    [SYSTEM, {"role": "user", "content": "Name two causes of ST elevation."}],
+]
+
+
+def test_decoder_matches_generate_while_rows_leave_and_join(tiny):
+    """Greedy tokens equal model.generate's, prompt by prompt, with fewer rows than prompts (waiting prompts
+    join as others end), a shared system prompt prefilled once, and a stop token that ends some rows early."""
+    from utils.models.decode import decode, supported
+
+    model, tok = tiny
+    assert supported(model) is None
+    ids = _encode(tok, MORE)
+    free_run = _reference(model, ids, 10, [-1], tok.pad_token_id)
+    stops = [free_run[0][2], free_run[3][4]]  # rows 0 and 3 end early (others may too)
+    expected = _reference(model, ids, 10, stops, tok.pad_token_id)
+    assert len({len(e) for e in expected}) > 1  # rows really end at different steps
+    out, stats = decode(model, ids, max_new_tokens=10, stop_ids=stops, pad_id=tok.pad_token_id, max_rows=2)
+    assert out == expected
+    assert stats.new_tokens == sum(len(e) for e in expected) and stats.prefills >= 3
+
+
+def test_decoder_ends_a_row_whose_first_token_stops_it_and_caps_the_rest(tiny):
+    from utils.models.decode import decode
+
+    model, tok = tiny
+    ids = _encode(tok, MORE[:3])
+    first = _reference(model, ids, 1, [-1], tok.pad_token_id)[1][0]
+    out, _ = decode(model, ids, max_new_tokens=6, stop_ids=[first], pad_id=tok.pad_token_id, max_rows=3)
+    assert out[1] == [first]
+    assert all(len(o) == 6 or o[-1] == first for o in out)
+    capped, _ = decode(model, ids, max_new_tokens=6, stop_ids=[], pad_id=tok.pad_token_id, max_rows=3)
+    assert [len(o) for o in capped] == [6, 6, 6]
+
+
+def test_decoder_prefills_a_repeated_prompt_once_and_samples_its_rows_apart(tiny):
+    import torch
+
+    from utils.models.decode import decode
+
+    model, tok = tiny
+    a, b = _encode(tok, MORE[3:5])
+    prompts = [a] * 4 + [b] * 4
+    kw = dict(max_new_tokens=6, stop_ids=[], pad_id=tok.pad_token_id, max_rows=8, do_sample=True, temperature=1.0)
+    out, stats = decode(model, prompts, generator=torch.Generator().manual_seed(3), **kw)
+    again, _ = decode(model, prompts, generator=torch.Generator().manual_seed(3), **kw)
+    assert out == again  # repeatable with a generator
+    assert stats.prefills == 2  # the shared prefix, then both prompts' own tokens in one admission
+    assert len({tuple(o) for o in out[:4]}) > 1  # a group's samples differ
+
+
+def test_token_picking_follows_top_k_and_top_p():
+    import torch
+
+    from utils.models.decode import pick_tokens
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(pick_tokens(logits, False).tolist()) == {0}
+    assert set(pick_tokens(logits, True, top_k=2, generator=g).tolist()) == {0, 1}
+    # top_p 0.6: 0.5 alone is short of it, 0.5 + 0.3 reaches it, so tokens 0 and 1 stay
+    assert set(pick_tokens(logits, True, top_p=0.6, generator=g).tolist()) == {0, 1}
+    assert set(pick_tokens(logits, True, top_p=0.4, generator=g).tolist()) == {0}
+    share = (pick_tokens(logits, True, generator=g) == 3).float().mean().item()
+    assert 0.02 < share < 0.08  # plain sampling keeps the tail at its probability
+
+
+def test_decoder_leaves_unsupported_settings_to_generate():
+    from transformers import GenerationConfig
+
+    from utils.models.decode import unsupported
+
+    assert unsupported(GenerationConfig(do_sample=True, temperature=0.5, top_p=0.9, top_k=0, min_p=None)) == []
+    assert unsupported(GenerationConfig(repetition_penalty=1.2, num_beams=2)) == ["num_beams=2",
+                                                                                  "repetition_penalty=1.2"]

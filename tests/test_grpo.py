@@ -196,6 +196,11 @@ def test_grouped_generation_matches_plain_generate(tiny_llama):
         plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)[:, width:]
     assert grouped.tolist() == plain.tolist()
     assert _trim_after_eos(torch.tensor([[5, 1, 7], [5, 6, 7]]), [1]) == [[5, 1], [5, 6, 7]]
+    # the CPU decoder (a finished row leaves the batch) gives the same completions, cut after the end token
+    from utils.models.decode import decode
+
+    ids, stats = decode(model, prompts, max_new_tokens=6, stop_ids=[1], pad_id=0, max_rows=len(prompts))
+    assert ids == _trim_after_eos(plain, [1]) and stats.prefills == 1  # 3 distinct prompts in one prefill
 
 
 @pytest.mark.slow

@@ -117,3 +117,36 @@ def format_machine(m: dict | None = None) -> str:
     if m.get("gpus"):
         parts.append(f"GPU {m['gpus'][0]} x{len(m['gpus'])}" + (" (bf16)" if m.get("gpu_bf16") else ""))
     return ", ".join(parts)
+
+
+def machine_bound(dtype) -> dict:
+    """Memory bandwidth (GB/s, a large copy) and matmul speed (GFLOP/s, a decode-sized GEMM) of this
+    machine right now, in the generation dtype: what :func:`decode_bound` turns into tokens/s."""
+    import time
+
+    import torch
+
+    a = torch.empty(64 * 2**20, dtype=torch.float32)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    bw = 5 * 2 * a.numel() * 4 / (time.perf_counter() - t) / 1e9
+    x, w = torch.randn(256, 1024, dtype=dtype), torch.randn(4096, 1024, dtype=dtype)
+    torch.nn.functional.linear(x, w)
+    t = time.perf_counter()
+    for _ in range(10):
+        torch.nn.functional.linear(x, w)
+    flops = 10 * 2 * 256 * 1024 * 4096 / (time.perf_counter() - t) / 1e9
+    return {"bandwidth_gb_s": round(bw, 1), "matmul_gflop_s": round(flops, 1)}
+
+
+def decode_bound(model, rows: float, bound: dict) -> float:
+    """Tokens/s a decoder of ``model`` could reach with ``rows`` sequences decoded together: one decode
+    step reads every weight once for all rows (bandwidth) and costs 2 FLOPs per weight per row (matmul
+    speed); the lower of the two. LoRA weights are not counted (merged for generation)."""
+    params = [p for n, p in model.named_parameters() if "lora_" not in n]
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    n_params = sum(p.numel() for p in params)
+    return min(rows * bound["bandwidth_gb_s"] * 1e9 / weight_bytes, bound["matmul_gflop_s"] * 1e9 / (2 * n_params))

@@ -7,8 +7,10 @@ returns the decoded completions (the new text only, special tokens dropped), in 
     model, tok = load_for_inference("sft")      # utils.models.loading
     answers = generate(model, tok, [row["prompt"] for row in rows], max_new_tokens=128, batch_size=16)
 
-Prompts are generated in batches of similar length (longest first) so that little compute goes to
-padding; the order of the result is the order of ``prompts`` all the same.
+On CPU, prompts go through :func:`utils.models.decode.decode` (finished rows leave the batch, waiting
+prompts join it, the prompts' shared prefix is run once); elsewhere, or with a model or setting it does
+not cover, through ``model.generate`` in batches of similar length (longest first, so that little compute
+goes to padding). Either way the result is in the order of ``prompts``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from utils.models import decode
 from utils.models.special_tokens import escape_messages
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,7 @@ class GenerationStats:
     prompts: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    engine: str = ""  # "decode" (utils.models.decode) or "generate" (model.generate)
 
     @property
     def tokens_per_second(self) -> float:
@@ -67,7 +71,6 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
         return []
     if seed is not None:
         torch.manual_seed(seed)
-    device = next(model.parameters()).device
     # A special-token string inside a message is read as text (utils.models.special_tokens).
     encoded = [tokenizer.apply_chat_template(escape_messages(p, tokenizer), add_generation_prompt=True, tokenize=True,
                                              return_dict=True)["input_ids"]
@@ -88,32 +91,56 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     model.eval()
     stats = GenerationStats(prompts=len(prompts))
     started = time.time()
+    why_not = decode.supported(model)
+    stats.engine = "decode" if why_not is None else "generate"
     try:
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):  # left padding: every row's new tokens start at column `width`
-                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]):] = 1
-            with torch.inference_mode():
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            new = out[:, width:].cpu()
-            for row in range(new.shape[0]):
-                toks = new[row].tolist()
-                # count up to and including the first stop token: what was really generated
-                n = next((k + 1 for k, t in enumerate(toks) if t in stops), len(toks))
-                stats.new_tokens += n
-            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-            for row, i in enumerate(idx):
-                seqs = [t.strip() for t in texts[row * num_return_sequences:(row + 1) * num_return_sequences]]
+        if why_not is None:
+            rows = [i for i in order for _ in range(num_return_sequences)]
+            new, dstats = decode.decode(model, [encoded[i] for i in rows], max_new_tokens=max_new_tokens,
+                                        stop_ids=stops, pad_id=pad_id, max_rows=batch_size * num_return_sequences,
+                                        do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                                        progress=progress)
+            stats.new_tokens = dstats.new_tokens
+            texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            for k, i in enumerate(order):
+                seqs = texts[k * num_return_sequences:(k + 1) * num_return_sequences]
                 results[i] = seqs if num_return_sequences > 1 else seqs[0]
-            if progress:
-                log.info("generated %d/%d prompts (%.0f new tokens/s)", min(b + batch_size, len(order)), len(order),
-                         stats.new_tokens / max(time.time() - started, 1e-9))
+        else:
+            log.debug("generating with model.generate: %s", why_not)
+            _generate_batches(model, tokenizer, encoded, order, results, stats, batch_size, pad_id, stops,
+                              num_return_sequences, kwargs, progress, started)
     finally:
         model.train(was_training)
     stats.seconds = time.time() - started
     last_stats = stats
     return results
+
+
+def _generate_batches(model, tokenizer, encoded, order, results, stats, batch_size, pad_id, stops,
+                      num_return_sequences, kwargs, progress, started) -> None:
+    """``model.generate`` over left-padded batches of similar length, longest first."""
+    import torch
+
+    device = next(model.parameters()).device
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):  # left padding: every row's new tokens start at column `width`
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        new = out[:, width:].cpu()
+        for row in range(new.shape[0]):
+            toks = new[row].tolist()
+            # count up to and including the first stop token: what was really generated
+            stats.new_tokens += next((k + 1 for k, t in enumerate(toks) if t in stops), len(toks))
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for row, i in enumerate(idx):
+            seqs = [t.strip() for t in texts[row * num_return_sequences:(row + 1) * num_return_sequences]]
+            results[i] = seqs if num_return_sequences > 1 else seqs[0]
+        if progress:
+            log.info("generated %d/%d prompts (%.0f new tokens/s)", min(b + batch_size, len(order)), len(order),
+                     stats.new_tokens / max(time.time() - started, 1e-9))

@@ -2,7 +2,9 @@
 
 On the transformers generation path, completions are sampled with the LoRA update merged into the fp32
 weights (no adapter work per decoded token), and each prompt's prefill runs once for its group of
-``num_generations`` completions, its KV cache then copied to the group's rows; the log-probability pass
+``num_generations`` completions, its KV cache then copied to the group's rows; on CPU by
+:func:`utils.models.decode.decode` (a finished completion leaves the batch), else by ``model.generate``
+(:func:`generate_grouped`). The log-probability pass
 likewise runs each group's shared prompt once. ``fast_generation: false`` / ``pack_groups: false`` restore
 TRL's own paths; vLLM, continuous batching, tools and multimodal inputs always use them.
 ``skip_tied_groups`` masks the completions of groups whose rewards all tie out of the loss.
@@ -19,6 +21,7 @@ import logging
 from typing import Any
 
 from utils.core.config import UserError
+from utils.models import decode
 from utils.training.grpo.policy import _zero3
 from utils.training.trl_compat import overrides, problems
 
@@ -337,6 +340,15 @@ def trainer_class():
                                               gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
                   as unwrapped, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False),
                   merged_adapter(unwrapped)):
+                cfg = self.generation_config
+                if decode.supported(unwrapped) is None and not decode.unsupported(cfg):
+                    # All of the step's rows decode together; a row leaves at its end token.
+                    ids, _ = decode.decode(unwrapped, prompt_ids, max_new_tokens=cfg.max_new_tokens,
+                                           stop_ids=self.eos_token_ids, pad_id=self._tokenizer.pad_token_id,
+                                           max_rows=len(prompt_ids), do_sample=cfg.do_sample,
+                                           temperature=cfg.temperature or 1.0, top_k=cfg.top_k,
+                                           top_p=cfg.top_p if cfg.top_p is not None else 1.0)
+                    return ids, None
                 new = generate_grouped(unwrapped, prompt_ids, self.generation_config, self._tokenizer.pad_token_id)
             return _trim_after_eos(new, self.eos_token_ids), None
 

@@ -1,0 +1,365 @@
+"""A batched decoder for CPU generation: finished rows leave the batch, waiting prompts take their place.
+
+``model.generate`` decodes every row of a batch until its longest answer ends, and its cache grows by
+concatenation (a copy of the whole KV cache per token). On CPU both cost more than the model itself: with
+answers of ~30 tokens and a 96-token cap most decoded tokens were padding, and generation ran at ~7% of
+the machine's bound (scripts/bench_eval.py). Here
+
+* each layer's keys and values live in one preallocated buffer; a step writes one column;
+* a row leaves the batch at its stop token, and prompts still waiting join it (continuous batching):
+  they are prefilled together (each distinct prompt once, so GRPO's groups share one prefill) and their
+  caches placed right-aligned beside the running rows', so that every row writes the same column;
+* greedy, temperature, top-k and top-p sampling are done on the logits directly.
+
+It runs the model's own forward (any Llama-like model whose cache layers are plain full-attention
+layers); :func:`supported` says when it can, and callers fall back to ``model.generate`` otherwise
+(sliding-window or hybrid caches, beam search, repetition penalties, a GPU, where vLLM is the recipe's
+fast path)::
+
+    ids = decode(model, [tok.encode("Hi")] * 4, max_new_tokens=32, stop_ids=[tok.eos_token_id],
+                 pad_id=tok.pad_token_id, max_rows=16, do_sample=True, temperature=0.7)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+# Generation-config fields that change which token is chosen, with the value that means "off"; anything else
+# set sends the caller back to model.generate (a silently ignored knob would change results).
+_NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_p": None,
+            "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "bad_words_ids": None,
+            "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+            "forced_eos_token_id": None, "min_new_tokens": None, "min_length": 0, "sequence_bias": None,
+            "guidance_scale": None, "encoder_repetition_penalty": 1.0, "penalty_alpha": None,
+            "renormalize_logits": False, "diversity_penalty": 0.0, "exponential_decay_length_penalty": None,
+            "watermarking_config": None, "assistant_model": None, "prompt_lookup_num_tokens": None,
+            "logits_processor": None, "stop_strings": None, "low_memory": None, "constraints": None,
+            "force_words_ids": None, "num_return_sequences": 1}
+
+
+def unsupported(generation_config) -> list[str]:
+    """The generation-config fields set to something this decoder does not do (empty: it can decode)."""
+    out = []
+    for key, off in _NEUTRAL.items():
+        val = getattr(generation_config, key, off)
+        if not (val is None or val == off or (not val and not off)):  # e.g. min_p 0.0 is off like None
+            out.append(f"{key}={val!r}")
+    return out
+
+
+def supported(model) -> str | None:
+    """``None`` when :func:`decode` can run this model, else why not (one phrase)."""
+    import torch
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return f"device {device.type} (GPUs generate with model.generate or vLLM)"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception as exc:  # an architecture the cache cannot describe
+        return f"cache layout unknown ({exc})"
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return "sliding-window or hybrid cache layers"
+    if any(p.dtype not in (torch.float32, torch.bfloat16, torch.float16) for p in model.parameters()):
+        return "quantized weights"
+    return None
+
+
+@dataclass
+class DecodeStats:
+    """What one :func:`decode` call did."""
+    rows: int = 0              # completions produced
+    new_tokens: int = 0        # tokens generated (stop tokens included)
+    steps: int = 0             # forward passes of one token per row
+    row_steps: int = 0         # rows x steps summed: decoding work done (== new_tokens minus first tokens)
+    prefills: int = 0          # prefill forward passes (one per admission of waiting prompts)
+    seconds: float = 0.0
+
+
+def _layer_class():
+    from transformers.cache_utils import CacheLayerMixin
+
+    class _Layer(CacheLayerMixin):
+        """One layer's keys and values in a buffer ``[rows, heads, capacity, head_dim]`` of which ``n``
+        columns are in use: the model's attention writes its new column in place instead of concatenating a
+        new cache. ``keys`` / ``values`` are views of the used columns."""
+
+        is_sliding = False
+
+        def __init__(self):
+            super().__init__()
+            self.k = self.v = None
+            self.n = 0
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            self.is_initialized = True
+
+        def set(self, k, v, n: int) -> None:
+            self.k, self.v, self.n, self.is_initialized = k, v, n, True
+            self.keys, self.values = k[:, :, :n], v[:, :, :n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            s = key_states.shape[-2]
+            if self.k is None:  # a prefill's own cache: exactly its width
+                self.set(key_states, value_states, s)
+                return self.keys, self.values
+            if self.n + s > self.k.shape[-2]:
+                raise RuntimeError("decode cache overflow")  # _Engine sizes the buffer: a bug if reached
+            self.k[:, :, self.n:self.n + s] = key_states
+            self.v[:, :, self.n:self.n + s] = value_states
+            self.set(self.k, self.v, self.n + s)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.n
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.n + query_length, 0
+
+        def get_max_length(self) -> int:
+            return -1
+
+    return _Layer
+
+
+def _cache(n_layers: int):
+    from transformers.cache_utils import Cache
+
+    layer = _layer_class()
+    return Cache(layers=[layer() for _ in range(n_layers)])
+
+
+def pick_tokens(logits, do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float = 1.0, generator=None):
+    """Next token per row: argmax, or a sample after temperature, top-k and top-p (nucleus: the smallest set
+    of tokens whose probability reaches ``top_p``, the most likely always kept), as transformers does."""
+    import torch
+
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # the mass before a token already reaches top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix all ``prompts`` share, less one so that every prompt keeps a token of
+    its own to prefill (the last prompt token's logits pick the first new token)."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+class _Engine:
+    """The running batch: one cache buffer per layer, ``mask[row, column]`` marking real tokens (padding
+    and the columns before a row's first token are False), each row's next position and latest token."""
+
+    def __init__(self, model, prompts, max_new_tokens, stop_ids, pad_id, max_rows, pick):
+        import torch
+
+        self.torch = torch
+        self.model, self.prompts, self.pick = model, prompts, pick
+        self.max_new, self.pad_id, self.max_rows = max_new_tokens, pad_id, max(1, max_rows)
+        self.stops = torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.long)
+        self.n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self.cache = _cache(self.n_layers)
+        self.rows: list[int] = []                         # prompt index of each running row
+        self.mask = torch.zeros((0, 0), dtype=torch.bool)  # [rows, capacity]
+        self.pos = torch.zeros(0, dtype=torch.long)        # position id of each row's next token
+        self.last = torch.zeros(0, dtype=torch.long)       # each row's latest token (the next step's input)
+        self.alive = torch.zeros(0, dtype=torch.bool)      # False once a row has ended (until it is dropped)
+        self.out: list[list[int]] = [[] for _ in prompts]
+        self.stats = DecodeStats(rows=len(prompts))
+        self.progress, self.started, self.logged = False, time.time(), time.time()
+        # The prefix every prompt shares (the system prompt and chat header: ~70 of ~100 tokens here) is
+        # run once per call; each admission prefills only the prompts' own tokens after it.
+        self.prefix = self.prompts[0][:common_prefix(self.prompts)]
+        self.prefix_kv = None
+        if self.prefix:
+            fresh = _cache(self.n_layers)
+            self.model(input_ids=torch.tensor([self.prefix]), cache=fresh, use_cache=True,
+                       logits_to_keep=1)
+            self.prefix_kv = [(layer.k, layer.v) for layer in fresh.layers]
+            self.stats.prefills += 1
+
+    # ------------------------------------------------------------------ admission
+    def admit(self, idx: list[int]) -> None:
+        """Prefill the prompts ``idx`` (each distinct prompt once, after the shared prefix), pick their first
+        tokens and place their caches beside the running rows' (finished rows leave in the same copy)."""
+        torch = self.torch
+        self.drop(rebuild=False)
+        keys: dict[tuple, int] = {}
+        which = [keys.setdefault(tuple(self.prompts[i]), len(keys)) for i in idx]
+        P = len(self.prefix)
+        tails = [list(d[P:]) for d in keys]
+        S = max(len(t) for t in tails)
+        ids = torch.full((len(tails), S), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(tails), P + S), dtype=torch.bool)
+        mask[:, :P] = True
+        for r, t in enumerate(tails):  # left-padded after the prefix: every tail ends at the last column
+            ids[r, S - len(t):] = torch.tensor(t, dtype=torch.long)
+            mask[r, P + S - len(t):] = True
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
+        fresh = _cache(self.n_layers)
+        if P:
+            for layer, (k, v) in zip(fresh.layers, self.prefix_kv):
+                shape = (len(tails), k.shape[1], P + S, k.shape[3])
+                kb, vb = k.new_empty(shape), v.new_empty(shape)
+                kb[:, :, :P], vb[:, :, :P] = k, v
+                layer.set(kb, vb, P)
+        logits = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=pos, cache=fresh,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.stats.prefills += 1
+        sel = torch.tensor(which, dtype=torch.long)
+        first = self.pick(logits[sel])
+        # New layout: the running rows keep the columns any of them still uses, right-aligned; the new rows'
+        # block goes beside them, right-aligned too, so that every row writes its next token at column n.
+        n_old = self.cache.layers[0].n
+        old_w = n_old - self._first_used(n_old) if self.rows else 0
+        width = max(old_w, P + S)
+        cap = width + self.max_new + 1  # every row admitted now ends within max_new more columns
+        b_old, b = len(self.rows), len(self.rows) + len(idx)
+        for layer, new in zip(self.cache.layers, fresh.layers):
+            k = new.k.new_zeros((b, new.k.shape[1], cap, new.k.shape[3]))
+            v = torch.zeros_like(k)
+            if b_old:
+                k[:b_old, :, width - old_w:width] = layer.k[:, :, n_old - old_w:n_old]
+                v[:b_old, :, width - old_w:width] = layer.v[:, :, n_old - old_w:n_old]
+            k[b_old:, :, width - P - S:width] = new.k[sel, :, :P + S]
+            v[b_old:, :, width - P - S:width] = new.v[sel, :, :P + S]
+            layer.set(k, v, width)
+        m = torch.zeros((b, cap), dtype=torch.bool)
+        if b_old:
+            m[:b_old, width - old_w:width] = self.mask[:, n_old - old_w:n_old]
+        m[b_old:, width - P - S:width] = mask[sel]
+        self.mask = m
+        self.pos = torch.cat([self.pos, pos[sel, -1] + 1])
+        self.alive = torch.cat([self.alive, torch.ones(len(idx), dtype=torch.bool)])
+        self.last = torch.cat([self.last, first])
+        self.rows += idx
+        self.stats.new_tokens += len(idx)
+        for r, i in enumerate(idx):
+            self.out[i].append(int(first[r]))
+
+    def _first_used(self, n: int) -> int:
+        """The first column some running row still attends to."""
+        return int(self.mask[:, :n].any(0).int().argmax())
+
+    # ------------------------------------------------------------------ leaving
+    def finish(self) -> None:
+        """Rows whose latest token ends them (a stop token or the length cap) stop being alive; they stay in
+        the batch, decoding nothing that is kept, until :meth:`drop` copies the cache without them."""
+        torch = self.torch
+        lens = torch.tensor([len(self.out[i]) for i in self.rows], dtype=torch.long)
+        self.alive &= ~(torch.isin(self.last, self.stops) | (lens >= self.max_new))
+
+    def log_progress(self, waiting: int) -> None:
+        now = time.time()
+        if self.progress and now - self.logged >= 30:
+            self.logged = now
+            log.info("generated %d/%d completions (%.0f new tokens/s)", len(self.prompts) - waiting - len(self.rows),
+                     len(self.prompts), self.stats.new_tokens / (now - self.started))
+
+    def drop(self, rebuild: bool = True) -> None:
+        """Remove the finished rows; with ``rebuild``, copy the cache without them and without the columns
+        that only they used (else the next :meth:`admit` copies the kept rows' columns itself)."""
+        keep = self.alive.nonzero().flatten()
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep.tolist()]
+        self.pos, self.last, self.alive, self.mask = self.pos[keep], self.last[keep], self.alive[keep], self.mask[keep]
+        if not self.rows:
+            self.cache, self.mask = _cache(self.n_layers), self.mask[:0]
+            return
+        n = self.cache.layers[0].n
+        lo = self._first_used(n) if rebuild else 0
+        self.mask = self.mask[:, lo:]
+        for layer in self.cache.layers:
+            layer.set(layer.k[keep, :, lo:], layer.v[keep, :, lo:], n - lo)
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> None:
+        n = self.cache.layers[0].n
+        self.mask[:, n] = True
+        logits = self.model(input_ids=self.last.unsqueeze(1), attention_mask=self.mask[:, :n + 1].long(),
+                            position_ids=self.pos.unsqueeze(1), cache=self.cache,
+                            use_cache=True).logits[:, -1]
+        self.stats.steps += 1
+        self.stats.row_steps += int(self.alive.sum())
+        self.pos += 1
+        self.last = self.pick(logits)
+        alive = self.alive.nonzero().flatten().tolist()
+        self.stats.new_tokens += len(alive)
+        for r in alive:
+            self.out[self.rows[r]].append(int(self.last[r]))
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> list[list[int]]:
+        queue = list(range(len(self.prompts)))
+        # Admit waiting prompts once an eighth of the rows are free, and copy a finished row out of the cache
+        # once an eighth have finished: each admission is a prefill plus a copy of the cache, each drop a copy,
+        # either costing about what decoding a few rows for a step does (scripts/bench_eval.py).
+        every = max(1, self.max_rows // 8)
+        while True:
+            self.finish()
+            self.log_progress(len(queue))
+            alive = int(self.alive.sum())
+            free = self.max_rows - alive
+            if queue and (not alive or free >= min(every, len(queue))):
+                take, queue = queue[:free], queue[free:]
+                self.admit(take)
+                self.finish()  # a first token may already end a row
+                if not bool(self.alive.any()):
+                    continue
+            elif not alive:
+                break
+            elif len(self.rows) - alive >= max(1, len(self.rows) // 8):
+                self.drop()
+            self.step()
+        return self.out
+
+
+def decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
+           max_rows: int = 16, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float = 1.0, generator=None, progress: bool = False) -> tuple[list[list[int]], DecodeStats]:
+    """Completions of ``prompts`` (token ids, no padding), each up to and including its first stop token or
+    ``max_new_tokens`` long, in the prompts' order; at most ``max_rows`` decoded together. Greedy unless
+    ``do_sample``. The caller has checked :func:`supported` and puts the model in eval mode. ``progress`` logs
+    the completions done and tokens/s about every 30 seconds."""
+    import torch
+
+    started = time.time()
+    if not prompts:
+        return [], DecodeStats()
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts], DecodeStats(rows=len(prompts))
+
+    def pick(logits):
+        return pick_tokens(logits, do_sample, temperature, top_k, top_p, generator)
+
+    engine = _Engine(model, [list(p) for p in prompts], max_new_tokens, stop_ids, pad_id, max_rows, pick)
+    engine.progress = progress
+    with torch.inference_mode():
+        out = engine.run()
+    engine.stats.seconds = time.time() - started
+    return out, engine.stats
