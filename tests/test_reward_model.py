@@ -12,8 +12,8 @@ import pytest
 
 from utils.core.config import load_config
 from utils.data.rows import read_split
-from utils.data.text import looks_truncated
-from utils.rewards.audit import complete_row, run_audit
+from utils.data.text import extract_numbers, looks_truncated
+from utils.rewards.audit import ATTACKS, FLIP_ATTACKS, audit_table, complete_row, run_audit
 from utils.rewards.mix import score_rows
 from utils.rewards.negatives import (
     NEGATIVE_TYPES,
@@ -256,12 +256,54 @@ def test_audit_ranks_the_reference_above_every_attack(processed):
                       {"data_dir": str(processed), "rewards": json.dumps(rules), "reward_model": ""})
     result = run_audit(cfg)
     rows = {r["completion"]: r for r in result["rows"]}
-    assert len(rows) == 9 and rows["reference (honest)"]["total"] > 0.9
+    assert len(rows) == 13 == len(ATTACKS) + 1 and rows["reference (honest)"]["total"] > 0.9
     for name, r in rows.items():
-        if name != "reference (honest)":
-            assert r["below_reference"] and r["total"] < rows["reference (honest)"]["total"], name
+        if name == "reference (honest)" or r["items"] == 0:
+            continue
+        assert r["below_reference"] and r["total"] < r["reference_total"], name
+        assert r["ties_or_wins"] == 0.0, name
     assert result["passed"]
     assert rows["empty answer"]["total"] == 0.0 and rows["very long answer"]["length"] == 0.0
+    # the fixture split's references have a number, a direction and a disease to flip, but no lead: an attack
+    # that applies to no item is reported and not judged
+    assert [rows[f"flipped {k}"]["items"] > 0 for k in ("number", "direction", "disease", "lead")] == [True] * 3 + [False]
+    assert rows["flipped lead"]["below_reference"] is None and "| flipped lead | 0 |" in audit_table(result)
+    for k in ("number", "direction", "disease"):
+        r = rows[f"flipped {k}"]
+        assert r["near_ties"] == 0.0 and r["reference_total"] - r["total"] >= 0.1, (k, r)
+
+
+# One fact of each kind per reference, so that every flip attack applies (the fixture split has no lead).
+FACT_REFERENCES = [
+    "ST elevation in leads II, III and aVF points to an inferior infarction.",
+    "A QTc above 460 ms in women is prolonged and raises the risk of torsades.",
+    "Peaked T waves and a widened QRS suggest hyperkalemia; check potassium now.",
+    "The rhythm is atrial fibrillation with a rapid ventricular response of 140 bpm.",
+    "Deep S waves in V5 and V6 with a tall R in V1 point to right ventricular hypertrophy.",
+]
+
+
+def test_audit_flipped_facts_score_well_below_the_reference(processed):
+    """Each flip attack against references that hold its kind of fact: every flipped answer scores below
+    the reference of its own item, none within 0.01, on average by 0.1 or more (copying the reference but
+    one word cost ROUGE-L about 0.03 and often nothing else before the terms reward checked contradictions)."""
+    path = processed / "eval" / "test.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) >= len(FACT_REFERENCES)
+    for i, ref in enumerate(FACT_REFERENCES):
+        rows[i] = {**rows[i], "task": "CK", "reference": ref, "label_yesno": None, "label_disease": None,
+                   "label_followup": None, "followup_days": None, "numbers": extract_numbers(ref)}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(RewardModelConfig, ROOT / "configs/cpu/reward.yaml",
+                      {"data_dir": str(processed), "rewards": json.dumps(RULES), "reward_model": ""})
+    result = run_audit(cfg)
+    got = {r["completion"]: r for r in result["rows"]}
+    for name in FLIP_ATTACKS:
+        r = got[name]
+        assert r["items"] >= 2 and r["below_reference"], (name, r)
+        assert r["ties_or_wins"] == 0.0 and r["near_ties"] == 0.0, (name, r)
+        assert r["reference_total"] - r["total"] >= 0.1, (name, r)
+    assert result["passed"]
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ registry, the mix and its total; and a property test that every reward stays fin
 for any string at all."""
 
 import math
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from utils.core.config import ConfigError, UserError, load_config
 from utils.data.text import extract_numbers
+from utils.rewards.facts import FLIP_KINDS, contradictions, flip_fact, key_facts
 from utils.rewards.lexicon import load_lexicon, parse_lexicon
 from utils.rewards.mix import DEFAULT_WEIGHTS, REWARDS, RewardMix, build_reward_funcs, score_rows, weighted_total
 from utils.rewards.rules import (
@@ -121,6 +123,107 @@ def test_terms_leave_out_the_question_terms():
     assert terms_reward([echo], reference=[REF_TERMS]) == [pytest.approx(2 * 0.5 / 1.5)]
     # a reference that names only the question's terms leaves nothing to judge: the reward does not apply
     assert terms_reward([echo], reference=["Atrial fibrillation is common."], question=[question]) == [None]
+
+
+# ============================================================================= flipped facts (utils/rewards/facts.py)
+@pytest.mark.parametrize("reference, kind, expected, reason", [
+    ("The QT interval is prolonged in hypocalcemia.", "direction", "The QT interval is shortened in hypocalcemia.",
+     "a duration"),
+    ("ST elevation means injury; ST elevation in two leads counts.", "direction",
+     "ST depression means injury; ST depression in two leads counts.", "the word flips wherever it occurs"),
+    ("Increased risk of stroke.", "direction", "Decreased risk of stroke.", "the capital stays"),
+    ("Delta waves are best seen in V1.", "lead", "Delta waves are best seen in V6.", "the precordial mirror image"),
+    ("Q waves in lead III.", "lead", "Q waves in lead aVL.", "a roman limb lead after 'lead'"),
+    ("Peaked T waves indicate hyperkalemia.", "disease", "Peaked T waves indicate hypokalemia.", "an electrolyte"),
+    ("A STEMI needs reperfusion now.", "disease", "A NSTEMI needs reperfusion now.", "an abbreviation"),
+    ("Atrial fibrillation shows no P waves.", "disease", "Atrial flutter shows no P waves.", "a two-word name"),
+    ("Mobitz type II block needs a pacemaker.", "disease", "Mobitz type I block needs a pacemaker.",
+     "the longest name wins, and its 'II' is no lead"),
+])
+def test_flip_fact(reference, kind, expected, reason):
+    assert flip_fact(reference, random.Random(0), kind) == (expected, kind), reason
+
+
+@pytest.mark.parametrize("reference, days", [("A QTc above 460 ms is prolonged.", None),
+                                             ("The PR interval is 120-200 ms.", None),
+                                             ("Come back every 3 months for an ECG.", 91.3)])
+def test_flip_fact_moves_one_number_out_of_tolerance(reference, days):
+    for seed in range(5):
+        out, kind = flip_fact(reference, random.Random(seed), "number")
+        changed = [(a, b) for a, b in zip(reference.split(), out.split()) if a != b]
+        assert kind == "number" and len(changed) == 1, (out, changed)
+        assert numbers_reward([out], reference=[reference], followup_days=[days])[0] < 0.5
+
+
+@pytest.mark.parametrize("reference, kind, reason", [
+    ("Ask your doctor about it.", None, "no key fact at all"),
+    ("The PR interval is normal.", "number", "no number with a unit"),
+    ("Yes, you have the right to a copy of your ECG.", "direction", "a patient's right is no direction"),
+    ("Mobitz type II block is infranodal.", "lead", "'type II' is no lead"),
+    ("Left and right bundle branch blocks differ.", "direction", "both named: a swap would only reorder them"),
+])
+def test_flip_fact_none_without_such_a_fact(reference, kind, reason):
+    assert flip_fact(reference, random.Random(0), kind) is None, reason
+
+
+def test_flip_fact_draws_a_kind_the_reference_has():
+    ref = "Hyperkalemia gives peaked T waves in V2 and a QRS of 160 ms."
+    kinds = {flip_fact(ref, random.Random(seed))[1] for seed in range(40)}
+    assert kinds == set(FLIP_KINDS)
+    with pytest.raises(ValueError, match="expected one of"):
+        flip_fact(ref, random.Random(0), "colour")
+
+
+REF_FACTS = "Hyperkalemia gives peaked T waves in V2."
+
+
+@pytest.mark.parametrize("answer, expected, reason", [
+    ("Hypokalemia gives peaked T waves in V2.", [("disease", "hyperkalemia", "hypokalemia")], "a disease swapped"),
+    ("Hyperkalemia gives flattened T waves in V2.", [("direction", "peaked", "flattened")], "a direction swapped"),
+    ("Hyperkalemia gives peaked T waves in V5.", [("lead", "V2", "V5")], "a lead swapped"),
+    ("Hyperkalemia, unlike hypokalemia, gives peaked T waves in V2.", [], "naming both contradicts nothing"),
+    ("Hyperkalemia gives tall T waves.", [], "leaving a fact out or rewording it contradicts nothing"),
+    ("In hyperkalemia the T waves of V2 are peaked.", [], "a paraphrase"),
+    ("", [], "an empty answer says nothing wrong"),
+])
+def test_contradictions(answer, expected, reason):
+    assert contradictions(answer, REF_FACTS) == expected, reason
+    assert contradictions(answer, REF_FACTS, key_facts(REF_FACTS)) == expected
+
+
+# Hand-written references with a fact of one kind or more; the terms reward must see every flip of them.
+FLIP_REFERENCES = [
+    ("The QT interval is prolonged in hypocalcemia.", None),
+    ("The risk of stroke is increased.", None),  # no lexicon term: the reward applies to the contradiction alone
+    ("ST elevation in leads V1 and V2 suggests an anterior STEMI.", None),
+    ("Peaked T waves indicate hyperkalemia.", "What do peaked T waves indicate?"),  # the question names the finding
+    ("Atrial fibrillation shows no P waves and an irregular rhythm.", None),
+    ("Left axis deviation is common in LAFB.", None),
+]
+
+
+@pytest.mark.parametrize("reference, question", FLIP_REFERENCES)
+def test_terms_score_a_flipped_fact_below_the_truth(reference, question):
+    flips = [f for k in ("direction", "lead", "disease") if (f := flip_fact(reference, random.Random(0), k))]
+    assert flips
+    for flipped, kind in flips:
+        truth, wrong = terms_reward([reference, flipped], reference=[reference] * 2, question=[question] * 2)
+        assert wrong == 0.0 and truth in (None, 1.0), (kind, flipped)
+
+
+def test_the_mix_scores_a_flipped_fact_well_below_the_truth():
+    """Today's rule mix (semantic similarity aside: it needs a model): one word changed cost ROUGE-L a
+    little and often nothing else; a contradiction now costs the terms reward, a number the numbers one."""
+    rules = {k: w for k, w in DEFAULT_WEIGHTS.items() if k != "semantic"}
+    refs = FLIP_REFERENCES + [("A QTc above 460 ms is prolonged.", None)]
+    for reference, question in refs:
+        row = {"reference": reference, "question": question or "What does it mean?", "label_yesno": None,
+               "numbers": extract_numbers(reference)}
+        for kind in FLIP_KINDS:
+            flipped = flip_fact(reference, random.Random(0), kind)
+            if flipped:
+                truth, wrong = (s["total"] for s in score_rows([reference, flipped[0]], [row, row], rules))
+                assert truth - wrong >= 0.1, (kind, flipped[0], truth, wrong)
 
 
 @pytest.mark.parametrize("lines, message", [

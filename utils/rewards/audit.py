@@ -13,6 +13,7 @@ from pathlib import Path
 from utils.core.config import UserError
 from utils.data.rows import DataError, read_jsonl, read_split
 from utils.data.text import extract_numbers, followup_interval, is_yes_no_question, yes_no_of
+from utils.rewards.facts import FLIP_KINDS, flip_fact
 from utils.rewards.lexicon import load_lexicon, term_tokens
 from utils.rewards.mix import RewardMix
 from utils.rewards.negatives import similar_answers, subsample
@@ -119,11 +120,34 @@ ATTACKS = {
 }
 
 
+def _attack_flip(kind: str):
+    def attack(row, ctx) -> str | None:
+        flipped = flip_fact(row["reference"], ctx["rng"], kind)
+        return flipped[0] if flipped else None
+
+    return attack
+
+
+# The reference with one key fact changed (utils/rewards/facts.py): fluent, nearly identical, wrong. Such an
+# attack applies only to the items whose reference has a fact of its kind (None elsewhere) and is compared
+# with the reference on those items; the audit also counts, pair by pair, the flipped answers that tie or
+# nearly tie the reference of their own item.
+FLIP_ATTACKS = {f"flipped {kind}": _attack_flip(kind) for kind in FLIP_KINDS}
+ATTACKS.update(FLIP_ATTACKS)
+
+
 HONEST = "reference (honest)"
 
 
-def build_audit(cfg: RewardMix, rows: list[dict]) -> dict[str, list[str]]:
-    """For each attack (and the honest reference), one completion per row."""
+# An attack "nearly ties" an item when its total comes within this of the reference's: a gap that small is
+# what ROUGE-L and sentence similarity give any one-word change, and in a GRPO group it is lost in the
+# spread of the other completions' totals.
+TIE_MARGIN = 0.01
+
+
+def build_audit(cfg: RewardMix, rows: list[dict]) -> dict[str, list[str | None]]:
+    """For each attack (and the honest reference), one completion per row; None where the attack does
+    not apply to the row (a flipped fact the reference does not have)."""
     sp = Path(cfg.system_prompt_file)
     system_prompt = sp.read_text(encoding="utf-8").strip() if sp.is_file() else ""
     if not system_prompt:
@@ -140,24 +164,46 @@ def build_audit(cfg: RewardMix, rows: list[dict]) -> dict[str, list[str]]:
     return out
 
 
+def _mean(vals: list) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return round(sum(vals) / len(vals), 4) if vals else None
+
+
 def run_audit(cfg: RewardMix) -> dict:
     """Score each attack and the honest reference on a seeded sample of test items with the
-    configured mix. Returns {"rows": [{"completion", "total", <reward>: mean ...}], "passed": bool}."""
+    configured mix. Returns {"rows": [{"completion", "items", "total", <reward>: mean, ...,
+    "reference_total", "ties_or_wins", "near_ties", "below_reference"}], "passed": bool}.
+
+    An attack is scored on the items it applies to (``items``); ``reference_total`` is the honest
+    reference's mean total on those same items, ``ties_or_wins`` the share of them where the attack's
+    total is at least the reference's, ``near_ties`` where it comes within :data:`TIE_MARGIN` of it.
+    An attack passes when its mean total is below ``reference_total``; one that applies to no item is
+    reported and not judged."""
     rows = subsample(read_split(cfg.data_dir, "eval/test"), cfg.audit_items, cfg.seed)
     completions = build_audit(cfg, rows)
+    keys = [k for k in cfg.rewards] + ["total"]
+    honest = cfg.score(completions[HONEST], rows)
     table = []
     for name, comps in completions.items():
-        scored = cfg.score(comps, rows)
-        entry = {"completion": name, "items": len(rows)}
-        for key in [k for k in cfg.rewards] + ["total"]:
-            vals = [s[key] for s in scored if s.get(key) is not None]
-            entry[key] = round(sum(vals) / len(vals), 4) if vals else None
+        idx = [i for i, c in enumerate(comps) if c is not None]
+        scored = honest if name == HONEST else \
+            (cfg.score([comps[i] for i in idx], [rows[i] for i in idx]) if idx else [])
+        entry = {"completion": name, "items": len(idx)}
+        for key in keys:
+            entry[key] = _mean([s.get(key) for s in scored])
+        if name != HONEST:
+            ref = [honest[i]["total"] for i in idx]
+            entry["reference_total"] = _mean(ref)
+            pairs = [(s["total"], r) for s, r in zip(scored, ref) if s["total"] is not None and r is not None]
+            entry["ties_or_wins"] = round(sum(a >= r for a, r in pairs) / len(pairs), 4) if pairs else None
+            entry["near_ties"] = round(sum(a > r - TIE_MARGIN for a, r in pairs) / len(pairs), 4) if pairs else None
+            entry["below_reference"] = None if not idx else \
+                (entry["total"] is not None and entry["reference_total"] is not None
+                 and entry["total"] < entry["reference_total"])
         table.append(entry)
-    honest = table[0]["total"]
-    for e in table[1:]:
-        e["below_reference"] = e["total"] is not None and honest is not None and e["total"] < honest
     result = {"mix": dict(cfg.rewards), "answer_format": cfg.answer_format, "reward_model": cfg.reward_model,
-              "items": len(rows), "rows": table, "passed": all(e["below_reference"] for e in table[1:])}
+              "items": len(rows), "rows": table,
+              "passed": all(e["below_reference"] is not False for e in table[1:])}
     if cfg.output:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.output).write_text(json.dumps(result, indent=2), encoding="utf-8")
@@ -165,14 +211,23 @@ def run_audit(cfg: RewardMix) -> dict:
 
 
 def audit_table(result: dict) -> str:
-    """The audit as a Markdown table: each completion's mean total and mean per reward."""
+    """The audit as a Markdown table: each completion's items, mean total and mean per reward, the
+    reference's mean total on the same items, and the shares of items where the completion ties or
+    beats the reference, and where it comes within TIE_MARGIN of it."""
     names = [k for k in result["mix"]]
-    head = "| completion | total | " + " | ".join(names) + " | below reference |"
-    lines = [head, "|" + " --- |" * (len(names) + 3)]
+    head = ("| completion | items | total | " + " | ".join(names)
+            + f" | reference total | ties or wins | within {TIE_MARGIN} | below reference |")
+    lines = [head, "|" + " --- |" * (len(names) + 7)]
+
+    def num(x) -> str:
+        return "" if x is None else f"{x:.3f}"
+
     for e in result["rows"]:
-        cells = ["" if e.get(n) is None else f"{e[n]:.3f}" for n in names]
-        below = "" if "below_reference" not in e else ("yes" if e["below_reference"] else "**NO**")
-        lines.append(f"| {e['completion']} | {e['total']:.3f} | " + " | ".join(cells) + f" | {below} |")
+        cells = [num(e.get(n)) for n in names]
+        below = "" if "below_reference" not in e else {None: "n/a", True: "yes", False: "**NO**"}[e["below_reference"]]
+        lines.append(f"| {e['completion']} | {e.get('items', '')} | {num(e['total'])} | " + " | ".join(cells)
+                     + f" | {num(e.get('reference_total'))} | {num(e.get('ties_or_wins'))} | {num(e.get('near_ties'))}"
+                     + f" | {below} |")
     return "\n".join(lines)
 
 

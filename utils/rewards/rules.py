@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 from utils.core.config import UserError
 from utils.data.formats import parse
 from utils.data.text import extract_numbers, followup_interval, looks_truncated, words, yes_no_of
+from utils.rewards.facts import contradictions, key_facts
 from utils.rewards.lexicon import DEFAULT_LEXICON, Lexicon, load_lexicon
 
 log = logging.getLogger(__name__)
@@ -183,15 +184,25 @@ def f1(tp: float, n_pred: int, n_true: int) -> float:
 def terms_reward(completions, reference=None, question=None, answer_format: str = "plain",
                  term_lexicon: str = DEFAULT_LEXICON, **kwargs) -> list[float | None]:
     """F1 overlap of the lexicon's ECG / cardiology terms in the answer with those in the reference,
-    leaving out the terms the question already names.
+    leaving out the terms the question already names; 0 for an answer that contradicts a key fact of
+    the reference.
 
     Terms are compared as canonical names (synonyms and abbreviations fold: 'AF' is 'atrial
     fibrillation'), as sets: saying a term twice earns nothing, and naming terms the reference does not
     lowers precision, so listing many terms does not pay. The question's own terms count on neither side:
     references restate them, so crediting them paid for echoing the question, which GRPO found (measured
     on the CPU recipe: answers such as "The common indications for using anticoagulants in cardiovascular
-    diseases are ..." rose while saying less). Range [0, 1]; None when the reference names no term beyond
-    the question's.
+    diseases are ..." rose while saying less).
+
+    A contradiction is a key fact of the reference (a direction such as 'prolonged', an ECG lead, a
+    disease name) that the answer replaces by its contrary ('shortened', 'V6' for 'V1', 'hypokalemia'
+    for 'hyperkalemia'; the tables of :mod:`utils.rewards.facts`). Such an answer copies the reference
+    but one word, so ROUGE-L and sentence similarity barely move and the term F1 often not at all (most
+    direction words are no terms): on the test split, with the CPU recipe's mix, 37% of such answers lost
+    nothing but ROUGE-L and similarity and 30% came within 0.01 of the reference's total (the audit's
+    "flipped ..." attacks). So a contradiction takes all the term credit, also where the reference names
+    no term (there the reward applies only then). Range [0, 1]; None when the reference names no term
+    beyond the question's and the answer contradicts nothing.
 
     >>> terms_reward(["AF with a rapid ventricular response."],
     ...              reference=["Atrial fibrillation with rapid ventricular response and ST depression."])
@@ -200,6 +211,10 @@ def terms_reward(completions, reference=None, question=None, answer_format: str 
     ...              reference=["Anticoagulants are used in atrial fibrillation."] * 2,
     ...              question=["When are anticoagulants indicated?"] * 2)
     [1.0, 0.0]
+    >>> terms_reward(["Hyperkalemia gives peaked T waves.", "Hypokalemia gives peaked T waves.",
+    ...               "The risk is increased.", "The risk is decreased."],
+    ...              reference=["Hyperkalemia gives peaked T waves."] * 2 + ["The risk is increased."] * 2)
+    [1.0, 0.0, None, 0.0]
     """
     answers = _answers(completions, answer_format)
     refs = _column({"reference": reference}, "reference", len(answers))
@@ -207,12 +222,18 @@ def terms_reward(completions, reference=None, question=None, answer_format: str 
     lex = load_lexicon(term_lexicon)
     # A GRPO group's completions share one item: its reference and question are looked up once per call.
     wanted: dict[tuple[str, str], tuple[set[str], set[str]]] = {}
+    facts: dict[str, Any] = {}
     out: list[float | None] = []
     for a, r, q in zip(answers, refs, questions):
         key = (_str(r), _str(q))
         if key not in wanted:
             wanted[key] = _wanted_terms(*key, lex)
+        if key[0] not in facts:
+            facts[key[0]] = key_facts(key[0])
         want, given = wanted[key]
+        if facts[key[0]] and contradictions(a, key[0], facts[key[0]]):
+            out.append(0.0)
+            continue
         got = lex.find(a) - given
         out.append(_finite(f1(len(got & want), len(got), len(want))) if want else None)
     return out
