@@ -57,6 +57,8 @@ def supported(model) -> str | None:
     import torch
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
+    if getattr(model, "config", None) is None:
+        return "not a transformers model (no config)"
     device = next(model.parameters()).device
     if device.type != "cpu":
         return f"device {device.type} (GPUs generate with model.generate or vLLM)"
@@ -207,7 +209,7 @@ class _Engine:
         """Prefill the prompts ``idx`` (each distinct prompt once, after the shared prefix), pick their first
         tokens and place their caches beside the running rows' (finished rows leave in the same copy)."""
         torch = self.torch
-        self.drop(rebuild=False)
+        keep = self._forget_finished()
         keys: dict[tuple, int] = {}
         which = [keys.setdefault(tuple(self.prompts[i]), len(keys)) for i in idx]
         P = len(self.prefix)
@@ -242,9 +244,9 @@ class _Engine:
         for layer, new in zip(self.cache.layers, fresh.layers):
             k = new.k.new_zeros((b, new.k.shape[1], cap, new.k.shape[3]))
             v = torch.zeros_like(k)
-            if b_old:
-                k[:b_old, :, width - old_w:width] = layer.k[:, :, n_old - old_w:n_old]
-                v[:b_old, :, width - old_w:width] = layer.v[:, :, n_old - old_w:n_old]
+            if b_old:  # the kept rows' used columns only: one gather, one write
+                k[:b_old, :, width - old_w:width] = layer.k[keep, :, n_old - old_w:n_old]
+                v[:b_old, :, width - old_w:width] = layer.v[keep, :, n_old - old_w:n_old]
             k[b_old:, :, width - P - S:width] = new.k[sel, :, :P + S]
             v[b_old:, :, width - P - S:width] = new.v[sel, :, :P + S]
             layer.set(k, v, width)
@@ -280,19 +282,23 @@ class _Engine:
             log.info("generated %d/%d completions (%.0f new tokens/s)", len(self.prompts) - waiting - len(self.rows),
                      len(self.prompts), self.stats.new_tokens / (now - self.started))
 
-    def drop(self, rebuild: bool = True) -> None:
-        """Remove the finished rows; with ``rebuild``, copy the cache without them and without the columns
-        that only they used (else the next :meth:`admit` copies the kept rows' columns itself)."""
+    def _forget_finished(self):
+        """Drop the finished rows from the row bookkeeping (not from the cache); the indices of the kept
+        rows in the cache."""
         keep = self.alive.nonzero().flatten()
-        if len(keep) == len(self.rows):
-            return
         self.rows = [self.rows[i] for i in keep.tolist()]
         self.pos, self.last, self.alive, self.mask = self.pos[keep], self.last[keep], self.alive[keep], self.mask[keep]
         if not self.rows:
-            self.cache, self.mask = _cache(self.n_layers), self.mask[:0]
+            self.cache = _cache(self.n_layers)
+        return keep
+
+    def drop(self) -> None:
+        """Copy the cache without the finished rows and without the columns that only they used."""
+        keep = self._forget_finished()
+        if not self.rows:
             return
         n = self.cache.layers[0].n
-        lo = self._first_used(n) if rebuild else 0
+        lo = self._first_used(n)
         self.mask = self.mask[:, lo:]
         for layer in self.cache.layers:
             layer.set(layer.k[keep, :, lo:], layer.v[keep, :, lo:], n - lo)
