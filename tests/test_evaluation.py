@@ -315,19 +315,19 @@ def test_cache_and_resume(tmp_path, tiny_llama, processed, monkeypatch):
     test_file = str(processed / "eval/test.jsonl")
     n = len([line for line in Path(test_file).read_text().splitlines() if line.strip()])
     assert n > 4
-    cfg = cfg_for(tmp_path, models=[str(tiny_llama)], test_file=test_file, batch_size=2)
+    cfg = cfg_for(tmp_path, models=[str(tiny_llama)], test_file=test_file, batch_size=1)
 
-    # interrupted in the second batch: the first batch's answers are kept, no report is written
+    # interrupted in the second chunk (4 batches of 1): the first chunk's answers are kept, no report is written
     gen = CountingGenerate(monkeypatch, fail_on_call=2)
     with pytest.raises(KeyboardInterrupt):
         run_evaluation(cfg)
-    assert cache_lines(tmp_path) == 2
+    assert cache_lines(tmp_path) == 4
     assert not (tmp_path / "reports").exists() or not any((tmp_path / "reports").iterdir())
 
     # the rerun generates only what is missing
     gen = CountingGenerate(monkeypatch)
     result, out = run_evaluation(cfg)
-    assert gen.prompts == n - 2 and cache_lines(tmp_path) == n
+    assert gen.prompts == n - 4 and cache_lines(tmp_path) == n
     assert (out / "report.html").is_file()
     first = result.answers["tiny-llama"]
 

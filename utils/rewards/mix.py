@@ -129,7 +129,7 @@ def score_rows(completions: list, rows: list[dict], weights: dict[str, float], a
     return out
 
 
-DEFAULT_WEIGHTS = {"format": 0.5, "yesno": 1.0, "terms": 1.0, "numbers": 1.0, "rouge": 0.5, "semantic": 1.0,
+DEFAULT_WEIGHTS = {"format": 0.5, "yesno": 1.0, "terms": 1.0, "numbers": 1.0, "rouge": 1.5, "semantic": 1.0,
                    "length": 1.0}
 
 
