@@ -81,6 +81,10 @@ def test_term_precision_recall_hand_checked():
     assert term_precision_recall("AF with a wide QRS.", "Atrial fibrillation with ST depression.", lex,
                                  question="Is this AF?") == (0.0, 0.0)
     assert term_precision_recall("AF.", "Atrial fibrillation.", lex, question="Is this AF?") == (None, None)
+    # a contradicted key fact takes the term credit, as it takes the terms reward
+    ref = "Atrial fibrillation with ST depression in V1."
+    assert term_precision_recall("Atrial fibrillation with ST depression in V1.", ref, lex) == (1.0, 1.0)
+    assert term_precision_recall("Atrial fibrillation with ST depression in V6.", ref, lex) == (0.0, 0.0)
 
 
 @pytest.mark.slow  # loads the sentence-embedding model

@@ -232,7 +232,7 @@ def terms_reward(completions, reference=None, question=None, answer_format: str 
             facts[key[0]] = key_facts(key[0])
         want, given = wanted[key]
         if facts[key[0]] and contradictions(a, key[0], facts[key[0]]):
-            out.append(0.0)
+            out.append(0.0)  # also where the reference names no term: a contradiction always costs
             continue
         got = lex.find(a) - given
         out.append(_finite(f1(len(got & want), len(got), len(want))) if want else None)
@@ -245,10 +245,16 @@ def _wanted_terms(reference: str, question: str, lexicon: Lexicon) -> tuple[set[
     return lexicon.find(reference) - given, given
 
 
-def term_sets(answer: str, reference: str, question: str, lexicon: Lexicon) -> tuple[set[str], set[str]]:
+def term_sets(answer: str, reference: str, question: str, lexicon: Lexicon,
+              facts: Any = None) -> tuple[set[str], set[str]]:
     """``(answer terms, reference terms)`` as the terms reward compares them: canonical names, less the
-    terms the question names."""
+    terms the question names. An answer that contradicts a key fact of the reference (``facts``:
+    :func:`key_facts` of it, computed when not given) is credited with no term, so precision and recall
+    of its terms are 0 too, as its terms reward is."""
     want, given = _wanted_terms(reference, question, lexicon)
+    facts = key_facts(reference) if facts is None else facts
+    if facts and contradictions(answer, reference, facts):
+        return set(), want
     return lexicon.find(answer) - given, want
 
 
