@@ -356,6 +356,10 @@ def test_train_score_and_audit_a_tiny_reward_model(tiny_llama, processed, tmp_pa
     # the reference against itself is an even match
     assert reward_model_reward(["No, it is normal."], reward_model=str(out), question=["Is it long?"],
                                reference=["No, it is normal."]) == [pytest.approx(0.5)]
+    # ... which the ceiling at 0.5 pays in full, like every answer the model rates above the reference
+    capped = reward_model_reward(nasty + ["No, it is normal."], reward_model=str(out), question=["Is it long?"] * 6,
+                                 reference=["No, it is normal."] * 6, reward_model_ceiling=0.5)
+    assert capped == [pytest.approx(min(v, 0.5) / 0.5) for v in vals] + [pytest.approx(1.0)]
 
     # the audit with the whole shipped mix, trained model included
     capsys.readouterr()

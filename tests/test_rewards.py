@@ -483,3 +483,23 @@ def test_rule_rewards_are_finite_and_in_range_for_any_string(completions, refere
 def test_semantic_reward_is_finite_and_in_range_for_any_string(completions, reference, fmt):
     _check(semantic_reward(completions, reference=[reference] * len(completions), answer_format=fmt),
            len(completions))
+
+
+def test_reward_model_ceiling_pays_nothing_for_beating_the_reference(monkeypatch):
+    from utils.rewards import reward_model
+    from utils.rewards.mix import RewardMix
+
+    class Stub:  # preferences of each answer over its reference, as the trained scorer gives them
+        def preference(self, prompts, questions, answers, refs):
+            return [{"worse": 0.2, "same": 0.5, "better": 0.9}[a] for a in answers]
+
+    monkeypatch.setitem(reward_model._SCORERS, ("stub", None), Stub())
+    kw = {"reward_model": "stub", "question": ["q"] * 4, "reference": ["r"] * 4}
+    answers = ["worse", "same", "better", ""]
+    assert reward_model.reward_model_reward(answers, **kw) == [0.2, 0.5, 0.9, 0.0]
+    assert reward_model.reward_model_reward(answers, reward_model_ceiling=0.5, **kw) == [0.4, 1.0, 1.0, 0.0]
+
+    mix = RewardMix(rewards={"reward_model": 1.0}, reward_model="stub", reward_model_ceiling=0.5)
+    assert [d["total"] for d in mix.score(answers, [{"question": "q", "reference": "r"}] * 4)] == [0.4, 1.0, 1.0, 0.0]
+    with pytest.raises(ConfigError, match=r"reward_model_ceiling.*expected a number in \(0, 1\]"):
+        load_config(RewardMix, None, {"reward_model_ceiling": 0.0})

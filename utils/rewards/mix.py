@@ -39,7 +39,8 @@ REWARDS: dict[str, Reward] = {
 
 
 # Options a mix binds into the rewards (beside answer_format and reward_model).
-OPTIONS = ("semantic_model", "term_lexicon", "number_tolerance", "length_max_words", "base_model")
+OPTIONS = ("semantic_model", "term_lexicon", "number_tolerance", "length_max_words", "reward_model_ceiling",
+           "base_model")
 
 
 def _check_names(weights: dict[str, float]) -> None:
@@ -158,6 +159,11 @@ class RewardMix:
                                   check=(lambda x: 0 <= x < 1, "a number in [0, 1)"))
     length_max_words: int = fld(DEFAULT_MAX_WORDS, "Length budget in words for items without a reference.",
                                 check=(lambda x: x > 0, "an integer > 0"))
+    reward_model_ceiling: float = fld(
+        1.0, "Cap of the reward model's preference for an answer over the reference, rescaled to [0, 1]: "
+        "min(p, ceiling) / ceiling. 1 keeps the raw preference; 0.5 pays nothing for beating the reference "
+        "(the region a policy exploits), so the reference scores 1 as with the rule rewards.",
+        check=(lambda x: 0 < x <= 1, "a number in (0, 1]"))
 
     def __post_init__(self):
         if self.rewards.get("reward_model", 0) > 0 and not self.reward_model:
@@ -165,7 +171,8 @@ class RewardMix:
 
     def reward_options(self) -> dict:
         return {"semantic_model": self.semantic_model, "term_lexicon": self.term_lexicon,
-                "number_tolerance": self.number_tolerance, "length_max_words": self.length_max_words}
+                "number_tolerance": self.number_tolerance, "length_max_words": self.length_max_words,
+                "reward_model_ceiling": self.reward_model_ceiling}
 
     def build(self) -> tuple[list[Callable], list[float]]:
         """``build_reward_funcs`` for this mix: (reward_funcs, reward_weights) for TRL's GRPO."""

@@ -14,13 +14,18 @@ from utils.rewards.rules import _answers, _column, _finite, _str
 # ============================================================================= trained reward model
 def reward_model_reward(completions, reward_model: str | None = None, prompts=None, prompt=None, question=None,
                         reference=None, answer_format: str = "plain", base_model: str | None = None,
-                        **kwargs) -> list[float | None]:
+                        reward_model_ceiling: float = 1.0, **kwargs) -> list[float | None]:
     """The trained reward model's preference for the answer over the reference:
     ``sigmoid(r(q, answer) - r(q, reference))``, the Bradley-Terry probability that the answer would be
     chosen over the reference (0.5 for the reference itself), or ``sigmoid(r(q, answer))`` for items
     without a reference. ``reward_model`` is a model reference (``reward``, a folder); the model is
     loaded once per process. An empty answer scores 0. Range [0, 1]; None for an item whose score (or its
     reference's) is not finite, which the scorer counts and logs (:meth:`RewardScorer.scores`).
+
+    ``reward_model_ceiling`` c < 1 returns ``min(p, c) / c``: with c = 0.5 an answer the model rates at
+    or above the reference scores 1, like the reference itself. A policy that pleases a small reward
+    model climbs beyond the reference (docs/EXPERIMENTS.md, Phase 3); the cap leaves it nothing to gain
+    there, while answers worse than the reference still rank below it.
 
     >>> reward_model_reward(["Yes, you may."], reward_model="reward", question=["May I refuse?"],
     ...                     reference=["Yes, you may refuse."])  # doctest: +SKIP
@@ -42,7 +47,8 @@ def reward_model_reward(completions, reward_model: str | None = None, prompts=No
         got = get_scorer(reward_model, base_model).preference([prm[i] for i in idx], [qs[i] for i in idx],
                                                               [answers[i] for i in idx], [refs[i] for i in idx])
         for i, v in zip(idx, got):
-            out[i] = None if v is None else _finite(v)  # None: a non-finite score, counted and logged
+            # None: a non-finite score, counted and logged
+            out[i] = None if v is None else _finite(min(v, reward_model_ceiling) / reward_model_ceiling)
     return out
 
 
