@@ -190,6 +190,7 @@ class _Engine:
         self.pos = torch.zeros(0, dtype=torch.long)        # position id of each row's next token
         self.last = torch.zeros(0, dtype=torch.long)       # each row's latest token (the next step's input)
         self.alive = torch.zeros(0, dtype=torch.bool)      # False once a row has ended (until it is dropped)
+        self.made = torch.zeros(0, dtype=torch.long)       # tokens each row has generated (exact while alive)
         self.out: list[list[int]] = [[] for _ in prompts]
         self.stats = DecodeStats(rows=len(prompts))
         self.progress, self.started, self.logged = False, time.time(), time.time()
@@ -257,6 +258,7 @@ class _Engine:
         self.mask = m
         self.pos = torch.cat([self.pos, pos[sel, -1] + 1])
         self.alive = torch.cat([self.alive, torch.ones(len(idx), dtype=torch.bool)])
+        self.made = torch.cat([self.made, torch.ones(len(idx), dtype=torch.long)])
         self.last = torch.cat([self.last, first])
         self.rows += idx
         self.stats.new_tokens += len(idx)
@@ -271,9 +273,7 @@ class _Engine:
     def finish(self) -> None:
         """Rows whose latest token ends them (a stop token or the length cap) stop being alive; they stay in
         the batch, decoding nothing that is kept, until :meth:`drop` copies the cache without them."""
-        torch = self.torch
-        lens = torch.tensor([len(self.out[i]) for i in self.rows], dtype=torch.long)
-        self.alive &= ~(torch.isin(self.last, self.stops) | (lens >= self.max_new))
+        self.alive &= ~(self.torch.isin(self.last, self.stops) | (self.made >= self.max_new))
 
     def log_progress(self, waiting: int) -> None:
         now = time.time()
@@ -288,6 +288,7 @@ class _Engine:
         keep = self.alive.nonzero().flatten()
         self.rows = [self.rows[i] for i in keep.tolist()]
         self.pos, self.last, self.alive, self.mask = self.pos[keep], self.last[keep], self.alive[keep], self.mask[keep]
+        self.made = self.made[keep]
         if not self.rows:
             self.cache = _cache(self.n_layers)
         return keep
@@ -313,6 +314,7 @@ class _Engine:
         self.stats.steps += 1
         self.stats.row_steps += int(self.alive.sum())
         self.pos += 1
+        self.made += 1  # finished rows count on too, harmlessly: they are no longer alive
         self.last = self.pick(logits)
         alive = self.alive.nonzero().flatten().tolist()
         self.stats.new_tokens += len(alive)
