@@ -1,0 +1,97 @@
+"""The seed table: several runs against a baseline, read from an evaluation report."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from utils.core.config import UserError
+from utils.evaluation.seeds import seed_results, seed_table
+
+METRICS = ("rouge", "bleu1", "meteor", "total")
+
+
+def _report(tmp_path, shifts: dict[str, dict[str, float]], balanced: dict[str, float], heldout: dict):
+    """A report of 60 items: the baseline's scores vary per item; each run adds its shift per metric plus
+    small item noise, so a shift of 0.05 is significant and 0 is not."""
+    import random
+
+    rng = random.Random(0)
+    names = ["sft", *shifts]
+    items, scores = [], {n: [] for n in names}
+    for i in range(60):
+        base = {m: 0.3 + 0.2 * rng.random() for m in METRICS}
+        answers = {"sft": {"text": "a", "scores": base}}
+        scores["sft"].append(base)
+        for n, sh in shifts.items():
+            s = {m: base[m] + sh.get(m, 0.0) + rng.uniform(-0.02, 0.02) for m in METRICS}
+            answers[n] = {"text": "b", "scores": s}
+            scores[n].append(s)
+        items.append({"id": str(i), "answers": answers})
+    from utils.evaluation.stats import paired_comparison
+
+    paired = [{"a": a, "b": b, "metrics": {m: paired_comparison([x[m] for x in scores[a]], [y[m] for y in scores[b]],
+                                                                200, 0.95, 0) for m in METRICS}}
+              for k, a in enumerate(names) for b in names[k + 1:]]
+    models = []
+    for n in names:
+        folder = tmp_path / n
+        folder.mkdir()
+        if n in heldout:
+            gain, noise = heldout[n]
+            (folder / "metrics.json").write_text(json.dumps({"heldout_change": {"total": {"mean": gain}},
+                                                             "heldout_step_noise": noise}))
+        models.append({"name": n, "path": str(folder)})
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "metrics.json").write_text(json.dumps({
+        "items": 60, "models": models, "paired": paired, "config": {"bootstrap": 200, "confidence": 0.95, "seed": 0},
+        "summary": {"balanced_accuracy": {n: {"all": v} for n, v in balanced.items()}}}))
+    (report / "answers.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    return report
+
+
+def test_a_run_that_gains_everywhere_passes_and_one_that_does_not_says_why(tmp_path):
+    up = {"rouge": 0.05, "bleu1": 0.05, "meteor": 0.0, "total": 0.05}
+    report = _report(tmp_path, {"good": up, "flat": {}, "drop": {**up, "meteor": -0.05}},
+                     {"sft": 0.45, "good": 0.50, "flat": 0.45, "drop": 0.55},
+                     {"good": (0.01, 0.002), "flat": (0.001, 0.002), "drop": (0.01, 0.002)})
+    results, _ = seed_results(report)
+    by = {r.name: r for r in results}
+    assert list(by) == ["good", "flat", "drop", "pooled"]
+    assert by["good"].passes and by["good"].diffs["rouge"]["p"] < 0.05
+    assert not by["flat"].passes
+    assert {k for k, v in by["flat"].checks.items() if not v} == {
+        "reward mix up", "2 of 3 benchmark metrics up", "balanced yes/no up", "held-out gain >= 3x noise"}
+    assert {k for k, v in by["drop"].checks.items() if not v} == {"no benchmark metric down"}
+    # pooled: the per-item mean of the three runs (rouge +0.033 on average), balanced the runs' mean
+    pooled = by["pooled"]
+    assert pooled.diffs["rouge"]["mean"] == pytest.approx(0.10 / 3, abs=0.01) and pooled.diffs["rouge"]["p"] < 0.05
+    assert pooled.balanced == pytest.approx(0.5) and "held-out gain >= 3x noise" not in pooled.checks
+
+    table = seed_table(report)
+    assert "| good | +0.05" in table and "| yes |" in table
+    assert "no: no benchmark metric down" in table and "5.0x" in table
+
+
+def test_a_baseline_after_the_runs_is_read_the_other_way_round(tmp_path):
+    report = _report(tmp_path, {"run": {"rouge": 0.05}}, {"sft": 0.4, "run": 0.5}, {})
+    meta = json.loads((report / "metrics.json").read_text())
+    assert [p["a"] for p in meta["paired"]] == ["sft"]
+    (r,), _ = seed_results(report, baseline="sft")
+    (back,), _ = seed_results(report, baseline="run")
+    assert back.diffs["rouge"]["mean"] == pytest.approx(-r.diffs["rouge"]["mean"])
+    assert r.heldout_gain is None and not r.checks["held-out gain >= 3x noise"]
+
+
+def test_bad_input_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"metrics.json: not found \(evaluate.py writes it\)"):
+        seed_results(tmp_path)
+    report = _report(tmp_path, {"run": {}}, {"sft": 0.4, "run": 0.5}, {})
+    with pytest.raises(UserError, match="no model 'rlhf'.*models: sft, run"):
+        seed_results(report, baseline="rlhf")
+    r = subprocess.run([sys.executable, "scripts/seed_table.py", str(tmp_path / "none")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not found" in r.stderr
