@@ -42,8 +42,9 @@ def bench(args) -> int:
 
     from utils.evaluation.answers import prompt_for, resolve_models
     from utils.evaluation.config import EvalConfig, load_items
-    from utils.evaluation.metrics import load_wordnet, reward_model_status, score_answers
+    from utils.evaluation.metrics import reward_model_status, score_answers
     from utils.models import generation
+    from utils.rewards.overlap import load_wordnet
 
     over = {"models": [args.model], "limit": args.n, "per_task": 0}
     if args.max_new_tokens:
@@ -85,9 +86,9 @@ def bench(args) -> int:
     del model
     reward_model, note = reward_model_status(cfg)
     wordnet = load_wordnet()
-    score_answers(answers[:2], rows[:2], spec.answer_format, cfg, reward_model, wordnet)  # loads the scorers
+    score_answers(answers[:2], rows[:2], spec.answer_format, cfg, reward_model)  # loads the scorers
     t0 = time.time()
-    score_answers(answers, rows, spec.answer_format, cfg, reward_model, wordnet)
+    score_answers(answers, rows, spec.answer_format, cfg, reward_model)
     dt = time.time() - t0
     print(f"scoring: {len(answers) / dt:.1f} answers/s (reward model: {'yes' if reward_model else 'no'}, "
           f"METEOR: {'yes' if wordnet is not None else 'no'})")

@@ -20,9 +20,10 @@ from utils.core.config import ConfigError, UserError, load_config
 from utils.evaluation.answers import model_fingerprint
 from utils.evaluation.config import EvalConfig, sample_rows
 from utils.evaluation.judge import parse_judge_score
-from utils.evaluation.metrics import bleu1, meteor, score_answers, term_precision_recall
+from utils.evaluation.metrics import score_answers, term_precision_recall
 from utils.evaluation.stats import bootstrap_ci, majority_baseline, paired_comparison
 from utils.rewards.lexicon import parse_lexicon
+from utils.rewards.overlap import bleu1, load_wordnet, meteor
 
 YAMLS = ["configs/cpu/eval.yaml", "configs/llama-3.2-3b/eval.yaml"]
 
@@ -46,8 +47,6 @@ def test_bleu1_hand_checked():
 
 @pytest.mark.slow  # loads WordNet
 def test_meteor_hand_checked():
-    from utils.evaluation.metrics import load_wordnet
-
     wn = load_wordnet()
     if wn is None:
         pytest.skip("WordNet not installed for nltk (bash scripts/setup_wordnet.sh)")
@@ -61,14 +60,22 @@ def test_meteor_hand_checked():
 def test_meteor_degrades_without_wordnet(tmp_path, monkeypatch, caplog):
     import nltk
 
-    from utils.evaluation import metrics as evaluation
+    from utils.rewards import overlap
+    from utils.rewards.mix import build_reward_funcs
 
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
     monkeypatch.delenv("NLTK_DATA", raising=False)
     with caplog.at_level(logging.WARNING):
-        assert evaluation.load_wordnet() is None
+        assert overlap.load_wordnet() is None
+        # the reward gives no value (and says so once, though GRPO asks every step) ...
+        assert overlap.meteor_reward(["a b"] * 2, reference=["a b"] * 2) == [None, None]
+        assert overlap.meteor_reward(["a b"], reference=["a b"]) == [None]
     warning = [r.getMessage() for r in caplog.records if "METEOR" in r.getMessage()]
     assert len(warning) == 1 and "\n" not in warning[0] and "setup_wordnet.sh" in warning[0]
+    # ... and a mix that would train on it refuses to start; logged at weight 0, it is simply empty
+    with pytest.raises(UserError, match="reward 'meteor' needs WordNet.*setup_wordnet.sh"):
+        build_reward_funcs({"meteor": 1.0})
+    assert build_reward_funcs({"rouge": 1.0, "meteor": 0.0})[1] == [1.0, 0.0]
 
 
 def test_term_precision_recall_hand_checked():
@@ -99,14 +106,14 @@ def test_scores_come_from_the_rewards(tmp_path):
              "reference": "A normal QRS complex lasts 80-120 ms in atrial fibrillation too.", "label_yesno": None,
              "numbers": None, "followup_days": None, "prompt": []}]
     answers = ["No, you may not.", "The QRS complex lasts 80-100 ms."]
-    got = score_answers(answers, rows, "plain", cfg, None, None)
+    got = score_answers(answers, rows, "plain", cfg, None)
     cols = {k: [r[k] for r in rows] for k in rows[0]}
-    for name in ("yesno", "rouge", "terms", "numbers", "format", "length"):
+    for name in ("yesno", "rouge", "bleu1", "meteor", "terms", "numbers", "format", "length"):
         assert [g[name] for g in got] == REWARDS[name](answers, answer_format="plain", **cols), name
     assert got[0]["yesno"] == 0.0 and got[1]["yesno"] is None
     p, r = got[1]["terms_p"], got[1]["terms_r"]
     assert got[1]["terms"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
-    assert got[0]["words"] == 4.0 and got[1]["meteor"] is None  # no WordNet given
+    assert got[0]["words"] == 4.0 and got[1]["bleu1"] == bleu1(answers[1], rows[1]["reference"]) > 0
 
 
 # ============================================================================= statistics and sampling

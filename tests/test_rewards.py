@@ -386,7 +386,8 @@ def test_semantic_orders_paraphrase_above_unrelated():
 
 # ============================================================================= registry, mix, total
 def test_registry_has_the_contract_names():
-    assert {"format", "yesno", "terms", "numbers", "rouge", "semantic", "length", "reward_model"} <= set(REWARDS)
+    assert {"format", "yesno", "terms", "numbers", "rouge", "bleu1", "meteor", "semantic", "length",
+            "reward_model"} <= set(REWARDS)
 
 
 def test_build_reward_funcs_names_weights_and_binding():

@@ -1,17 +1,14 @@
-"""The figures evaluation reports: the rewards' own scores (the code GRPO trains with) plus BLEU-1, METEOR,
-key-term precision and recall.
+"""The figures evaluation reports: the rewards' own scores (the code GRPO trains with, the benchmark's
+ROUGE-L, BLEU-1 and METEOR among them) plus key-term precision and recall and the answer's length.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import warnings
 from dataclasses import dataclass
 
 from utils.core.config import UserError
 from utils.data.formats import parse
-from utils.data.text import words
 from utils.evaluation.config import EvalConfig
 from utils.rewards.lexicon import load_lexicon
 from utils.rewards.mix import REWARDS, score_rows
@@ -34,9 +31,9 @@ METRICS: list[Metric] = [
     Metric("rouge", "ROUGE-L", "overlap", "ROUGE-L F1 against the reference (rouge-score, Porter stemmer); the "
            "rouge reward"),
     Metric("bleu1", "BLEU-1", "overlap", "unigram BLEU with brevity penalty (nltk, smoothing method 1) on lower-case "
-           "word tokens"),
+           "word tokens; the bleu1 reward"),
     Metric("meteor", "METEOR", "overlap", "METEOR (nltk: exact, Porter-stem and WordNet-synonym matches) on lower-case "
-           "word tokens"),
+           "word tokens; the meteor reward"),
     Metric("semantic", "semantic", "overlap", "cosine similarity of all-MiniLM-L6-v2 embeddings of answer and "
            "reference; the semantic reward"),
     Metric("yesno", "yes/no acc", "clinical", "share of yes/no questions whose answer opens with the reference's "
@@ -62,61 +59,6 @@ METRIC_BY_NAME = {m.name: m for m in METRICS}
 
 
 # ============================================================================= scoring
-@functools.lru_cache(maxsize=4)
-def _wordnet_reader(paths: tuple[str, ...]):
-    import nltk
-    from nltk.corpus.reader.wordnet import WordNetCorpusReader
-
-    with warnings.catch_warnings():
-        # METEOR reads English synonyms only; the multilingual (OMW) data is not needed
-        warnings.filterwarnings("ignore", message="The multilingual functions")
-        return WordNetCorpusReader(nltk.data.find("corpora/wordnet"), None)
-
-
-def load_wordnet():
-    """nltk's WordNet reader, or None (with one warning line) when WordNet is not installed for nltk:
-    METEOR is then left out rather than computed without its synonym stage."""
-    import nltk
-
-    try:
-        return _wordnet_reader(tuple(nltk.data.path))
-    except (LookupError, OSError):
-        log.warning("METEOR skipped: nltk finds no WordNet data; install it with `bash scripts/setup_wordnet.sh` "
-                    "(or python -c \"import nltk; nltk.download('wordnet')\")")
-        return None
-
-
-@functools.lru_cache(maxsize=1)
-def _smoothing():
-    from nltk.translate.bleu_score import SmoothingFunction
-
-    return SmoothingFunction().method1
-
-
-def bleu1(answer: str, reference: str) -> float:
-    """Sentence BLEU-1 on lower-case word tokens (0 for an empty answer).
-
-    >>> round(bleu1("The cat ran away", "the cat sat"), 3)
-    0.5
-    """
-    from nltk.translate.bleu_score import sentence_bleu
-
-    hyp, ref = words(answer), words(reference)
-    if not hyp or not ref:
-        return 0.0
-    return float(sentence_bleu([ref], hyp, weights=(1.0,), smoothing_function=_smoothing()))
-
-
-def meteor(answer: str, reference: str, wordnet) -> float:
-    """METEOR on lower-case word tokens with nltk's defaults (alpha 0.9, beta 3, gamma 0.5)."""
-    from nltk.translate.meteor_score import meteor_score
-
-    hyp, ref = words(answer), words(reference)
-    if not hyp or not ref:
-        return 0.0
-    return float(meteor_score([ref], hyp, wordnet=wordnet))
-
-
 def term_precision_recall(answer: str, reference: str, lexicon,
                           question: str = "") -> tuple[float | None, float | None]:
     """Precision and recall of the key terms the terms reward matches (its lexicon and canonical names, less
@@ -135,7 +77,7 @@ def reward_weights(cfg: EvalConfig, with_reward_model: bool) -> dict[str, float]
 
 
 def score_answers(completions: list[str], rows: list[dict], answer_format: str, cfg: EvalConfig,
-                  reward_model: str | None, wordnet) -> list[dict]:
+                  reward_model: str | None) -> list[dict]:
     """Per-item metrics: the rewards (shared code) plus evaluation's own figures; None where a metric
     does not apply to the item."""
     weights = reward_weights(cfg, reward_model is not None)
@@ -147,11 +89,8 @@ def score_answers(completions: list[str], rows: list[dict], answer_format: str, 
         answer, ref = parse(c, answer_format).answer, r.get("reference") or ""
         d = {m: s.get(m) for m in REWARDS if m in s}
         d["total"] = s.get("total")
-        has_ref = bool(ref.strip())
-        d["bleu1"] = bleu1(answer, ref) if has_ref else None
-        d["meteor"] = meteor(answer, ref, wordnet) if has_ref and wordnet is not None else None
         d["terms_p"], d["terms_r"] = (term_precision_recall(answer, ref, lexicon, r.get("question") or "")
-                                      if has_ref else (None, None))
+                                      if ref.strip() else (None, None))
         d["words"] = float(len(answer.split()))
         out.append(d)
     return out

@@ -26,9 +26,10 @@ from utils.evaluation.answers import generate_answers, resolve_models
 from utils.evaluation.config import EvalConfig, load_items
 from utils.evaluation.judge import Judge
 from utils.evaluation.leakage import check_test_items, training_stopped_early
-from utils.evaluation.metrics import METRIC_BY_NAME, METRICS, load_wordnet, reward_model_status, score_answers
+from utils.evaluation.metrics import METRIC_BY_NAME, METRICS, reward_model_status, score_answers
 from utils.evaluation.stats import EvalResult, compare_models, summarize
 from utils.rewards.lexicon import load_lexicon
+from utils.rewards.overlap import load_wordnet
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def run_evaluation(cfg: EvalConfig) -> tuple[EvalResult, Path]:
         answers[spec.name], runs[spec.name] = generate_answers(spec, rows, cfg)
     for spec in specs:
         log.info("%s: scoring %d answers", spec.name, len(rows))
-        scores[spec.name] = score_answers(answers[spec.name], rows, spec.answer_format, cfg, reward_model, wordnet)
+        scores[spec.name] = score_answers(answers[spec.name], rows, spec.answer_format, cfg, reward_model)
     if judge is not None:
         for spec in specs:
             log.info("%s: judging %d answers with %s", spec.name, len(rows), judge.name)

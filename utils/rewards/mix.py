@@ -10,6 +10,7 @@ from typing import Callable
 from utils.core.config import UserError, fld
 from utils.data.formats import FORMATS
 from utils.rewards.lexicon import DEFAULT_LEXICON
+from utils.rewards.overlap import bleu1_reward, load_wordnet, meteor_reward
 from utils.rewards.reward_model import reward_model_reward
 from utils.rewards.rules import (
     DEFAULT_MAX_WORDS,
@@ -32,6 +33,8 @@ REWARDS: dict[str, Reward] = {
     "terms": terms_reward,
     "numbers": numbers_reward,
     "rouge": rouge_reward,
+    "bleu1": bleu1_reward,
+    "meteor": meteor_reward,
     "semantic": semantic_reward,
     "length": length_reward,
     "reward_model": reward_model_reward,
@@ -74,6 +77,8 @@ def build_reward_funcs(weights: dict[str, float], answer_format: str = "plain", 
         if name == "reward_model" and not reward_model:
             raise UserError("reward 'reward_model' is in the mix but no reward_model is set "
                             "(e.g. reward_model: reward)")
+        if name == "meteor" and w > 0 and load_wordnet() is None:  # else it would train on nothing, silently
+            raise UserError("reward 'meteor' needs WordNet for nltk: run `bash scripts/setup_wordnet.sh`")
         fn = REWARDS[name]
 
         def call(completions, _fn=fn, **kwargs):
