@@ -40,7 +40,7 @@ $(VENV)/.setup-done: requirements.txt requirements-offline.txt pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m pytest -m "slow or not slow" -q
+	$(PY) -m pytest -m "slow or not slow" -q --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q
