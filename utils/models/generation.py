@@ -107,8 +107,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
                 results[i] = seqs if num_return_sequences > 1 else seqs[0]
         else:
             log.debug("generating with model.generate: %s", why_not)
-            _generate_batches(model, tokenizer, encoded, order, results, stats, batch_size, pad_id, stops,
-                              num_return_sequences, kwargs, progress, started)
+            _generate_batches(model, tokenizer, encoded, order, batch_size, kwargs, stats, progress, results)
     finally:
         model.train(was_training)
     stats.seconds = time.time() - started
@@ -116,12 +115,14 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     return results
 
 
-def _generate_batches(model, tokenizer, encoded, order, results, stats, batch_size, pad_id, stops,
-                      num_return_sequences, kwargs, progress, started) -> None:
-    """``model.generate`` over left-padded batches of similar length, longest first."""
+def _generate_batches(model, tokenizer, encoded, order, batch_size, kwargs, stats, progress, results) -> None:
+    """``model.generate`` (with ``kwargs``) over left-padded batches of similar length, longest first; fills
+    ``results`` and ``stats.new_tokens``."""
     import torch
 
     device = next(model.parameters()).device
+    pad_id, stops, n_seq = kwargs["pad_token_id"], set(kwargs["eos_token_id"]), kwargs["num_return_sequences"]
+    started = time.time()
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         width = max(len(encoded[i]) for i in idx)
@@ -139,8 +140,8 @@ def _generate_batches(model, tokenizer, encoded, order, results, stats, batch_si
             stats.new_tokens += next((k + 1 for k, t in enumerate(toks) if t in stops), len(toks))
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for row, i in enumerate(idx):
-            seqs = [t.strip() for t in texts[row * num_return_sequences:(row + 1) * num_return_sequences]]
-            results[i] = seqs if num_return_sequences > 1 else seqs[0]
+            seqs = [t.strip() for t in texts[row * n_seq:(row + 1) * n_seq]]
+            results[i] = seqs if n_seq > 1 else seqs[0]
         if progress:
             log.info("generated %d/%d prompts (%.0f new tokens/s)", min(b + batch_size, len(order)), len(order),
                      stats.new_tokens / max(time.time() - started, 1e-9))
