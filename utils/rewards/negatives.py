@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 
 from utils.core.config import UserError
 from utils.data.text import extract_numbers, followup_interval, jaccard, words
+from utils.rewards.facts import FLIP_KINDS, flip_fact
 from utils.rewards.lexicon import DEFAULT_LEXICON, load_lexicon
 from utils.rewards.reward_model import user_text
 
@@ -77,35 +78,13 @@ def flip_yesno(reference: str) -> str | None:
     return m.group(1) + _case_like(other, m.group(2)) + lead + first + dot + tail
 
 
-# Opposites whose swap turns a true clinical statement into a false one. Vaguer pairs (more/less,
-# common/rare, early/late) were left out: swapped, they often still read as true.
-_SWAPS = [("left", "right"), ("elevation", "depression"), ("elevated", "depressed"), ("tachycardia", "bradycardia"),
-          ("increase", "decrease"), ("increased", "decreased"), ("increases", "decreases"),
-          ("prolonged", "shortened"), ("prolongation", "shortening"), ("high", "low"), ("higher", "lower"),
-          ("hyperkalemia", "hypokalemia"), ("hypercalcemia", "hypocalcemia"), ("hypertension", "hypotension"),
-          ("wide", "narrow"), ("widened", "narrowed"), ("upright", "inverted"), ("regular", "irregular"),
-          ("atrial", "ventricular"), ("atria", "ventricles"), ("anterior", "inferior"), ("benign", "malignant"),
-          ("peaked", "flattened"), ("presence", "absence"), ("systolic", "diastolic"),
-          ("depolarization", "repolarization")]
-
-
-_SWAP_MAP = {**dict(_SWAPS), **{b: a for a, b in _SWAPS}}
-
-
-_SWAP_RE = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _SWAP_MAP), key=len, reverse=True)) + r")\b",
-                      re.IGNORECASE)
-
-
 def contradict(reference: str, rng: random.Random) -> str | None:
-    """The reference with one clinical word swapped for its opposite everywhere it occurs ('ST
-    elevation' -> 'ST depression'); None when it has none of the words."""
-    found = sorted({m.group(1).lower() for m in _SWAP_RE.finditer(reference)})
-    if not found:
-        return None
-    pick = rng.choice(found)
-    pair = {pick, _SWAP_MAP[pick]}
-    return _SWAP_RE.sub(lambda m: _case_like(_SWAP_MAP[m.group(1).lower()], m.group(1))
-                        if m.group(1).lower() in pair else m.group(1), reference)
+    """The reference with one key fact swapped for its contrary everywhere it occurs: a direction word
+    ('ST elevation' -> 'ST depression'), an ECG lead or a disease name, from the tables the terms reward's
+    contradiction check and the audit use (:mod:`utils.rewards.facts`); None when it has none. (Numbers
+    are the ``numbers`` negative type's.)"""
+    flips = [f for k in FLIP_KINDS if k != "number" and (f := flip_fact(reference, rng, k)) is not None]
+    return rng.choice(flips)[0] if flips else None
 
 
 _DIGITS = re.compile(r"\d+(?:\.\d+)?")
