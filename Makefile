@@ -11,6 +11,7 @@ TORCH_INDEX ?=
 RECIPE ?= cpu
 RAW_DIR ?=
 REDO ?=
+LANES ?=
 export ECG_RAW_DIR ?= $(if $(wildcard data/raw/ECG-Expert-QA),data/raw/ECG-Expert-QA,../shared/ECG-Expert-QA)
 
 .PHONY: setup reinstall setup-gpu test test-fast demo clean
@@ -46,7 +47,7 @@ test-fast: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	RECIPE=$(RECIPE) PYTHON=$(PY) RAW_DIR=$(RAW_DIR) REDO=$(REDO) bash scripts/run_pipeline.sh
+	RECIPE=$(RECIPE) PYTHON=$(PY) RAW_DIR=$(RAW_DIR) REDO=$(REDO) LANES=$(LANES) bash scripts/run_pipeline.sh
 
 clean:
 	rm -rf data/processed models/sft models/reward models/rlhf reports

@@ -1,5 +1,7 @@
 """The whole pipeline on the tiny Llama: scripts/run_pipeline.sh runs every phase through its command line,
-hands checkpoints on through models/, ends with a report, and skips finished phases when run again."""
+hands checkpoints on through models/, ends with a report, and skips finished phases when run again. It runs
+with two lanes (GRPO beside the reward model and the first evaluation), as `make demo` does on a CPU;
+test_pipeline_lanes.py checks the lanes' order and failures with a stand-in Python."""
 
 import os
 import subprocess
@@ -51,7 +53,7 @@ def test_whole_pipeline_on_tiny_llama(tmp_path, tiny_llama, raw_dir):
     env = {**os.environ, "CFG_DIR": str(write_configs(tmp_path, tiny_llama)), "RAW_DIR": str(raw_dir),
            "ECG_MODELS_DIR": str(tmp_path / "models"), "PROCESSED_DIR": str(tmp_path / "processed"),
            "REPORTS_DIR": str(tmp_path / "reports"), "PYTHON": sys.executable, "RECIPE": "tiny",
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "LANES": "2"}
     run = lambda: subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True,
                                  text=True, timeout=1500)
     r = run()
@@ -63,7 +65,12 @@ def test_whole_pipeline_on_tiny_llama(tmp_path, tiny_llama, raw_dir):
     assert "<table" in html and "sft" in html and "rlhf" in html
     assert (report / "report.md").is_file()
     times = (tmp_path / "reports/pipeline_times.tsv").read_text().splitlines()
-    assert [line.split("\t")[0] for line in times[1:]] == ["prepare", "sft", "reward", "grpo", "eval"]
+    phases = [line.split("\t")[0] for line in times[1:]]
+    assert phases[:2] == ["prepare", "sft"] and phases[-1] == "eval"
+    assert sorted(phases[2:-1]) == ["eval-base-sft", "grpo", "reward"]   # the two lanes, in either order
+    assert (tmp_path / "reports/pipeline-tiny-sft/report.md").is_file()   # base vs SFT, written beside GRPO
+    # the last evaluation generates only GRPO's answers: base's and SFT's come from the side lane's cache
+    assert "base: all" in r.stderr and "sft: all" in r.stderr and "rlhf: generating" in r.stderr
     assert "chat.py" in r.stdout and "report.html" in r.stdout
 
     # Run again: every finished phase is skipped, evaluation reuses its cached answers.
