@@ -231,10 +231,10 @@ def terms_reward(completions, reference=None, question=None, answer_format: str 
         if key[0] not in facts:
             facts[key[0]] = key_facts(key[0])
         want, given = wanted[key]
-        if facts[key[0]] and contradictions(a, key[0], facts[key[0]]):
+        got = _answer_terms(a, key[0], given, facts[key[0]], lex)
+        if got is None:
             out.append(0.0)  # also where the reference names no term: a contradiction always costs
             continue
-        got = lex.find(a) - given
         out.append(_finite(f1(len(got & want), len(got), len(want))) if want else None)
     return out
 
@@ -252,10 +252,16 @@ def term_sets(answer: str, reference: str, question: str, lexicon: Lexicon,
     :func:`key_facts` of it, computed when not given) is credited with no term, so precision and recall
     of its terms are 0 too, as its terms reward is."""
     want, given = _wanted_terms(reference, question, lexicon)
-    facts = key_facts(reference) if facts is None else facts
+    got = _answer_terms(answer, reference, given, key_facts(reference) if facts is None else facts, lexicon)
+    return (set() if got is None else got), want
+
+
+def _answer_terms(answer: str, reference: str, given: set[str], facts: Any, lexicon: Lexicon) -> set[str] | None:
+    """The answer's terms less the question's (``given``), or None when it contradicts a key fact of the
+    reference (``facts``: :func:`key_facts` of it)."""
     if facts and contradictions(answer, reference, facts):
-        return set(), want
-    return lexicon.find(answer) - given, want
+        return None
+    return lexicon.find(answer) - given
 
 
 # ============================================================================= numbers and units
