@@ -76,13 +76,13 @@ phase 2 sft "[[ -f $MODELS/sft/.complete ]]" $LAUNCH sft_train.py --config $CFG/
 
 reward() { phase 3 reward "[[ -f $MODELS/reward/.complete ]]" $LAUNCH reward_model.py --config $CFG/reward.yaml "$@"; }
 grpo() { phase 4 grpo "[[ -f $MODELS/rlhf/.complete ]]" $LAUNCH grpo_train.py --config $CFG/grpo.yaml "$@"; }
-# evaluation: answers are cached, so a rerun only generates what is missing
-evaluate() { phase 5 eval "false" $PY evaluate.py --config $CFG/eval.yaml --run-name pipeline-$RECIPE "$@"; }
+# evaluation (phase name, report name, flags): answers are cached, so a rerun only generates what is missing
+evaluate() { local name=$1 run=$2; shift 2; phase 5 $name "false" $PY evaluate.py --config $CFG/eval.yaml --run-name $run "$@"; }
 
 if [[ $LANES == 1 ]]; then
-  reward; grpo; evaluate --models base,sft,rlhf
+  reward; grpo; evaluate eval pipeline-$RECIPE --models base,sft,rlhf
 else
-  threads=$(( $(nproc) / 2 ))
+  threads=$(( $(nproc) > 1 ? $(nproc) / 2 : 1 ))
   # read from the YAML alone (importing GRPO's config takes seconds); an unreadable mix counts as needing
   # the reward model, and GRPO then names what is wrong with it
   needs_rm=$($PY -c 'import sys, yaml; from utils.rewards.mix import DEFAULT_WEIGHTS
@@ -95,8 +95,7 @@ print(int(float(mix.get("reward_model") or 0) > 0))' $CFG/grpo.yaml 2>/dev/null 
   echo "[side lane] $( ((needs_rm)) || echo 'reward model, ')evaluation of base and SFT on $threads thread(s) beside GRPO; log: $log"
   (
     (( needs_rm )) || reward --num-threads $threads
-    phase 5 eval-base-sft "false" $PY evaluate.py --config $CFG/eval.yaml --run-name pipeline-$RECIPE-sft \
-      --models base,sft --num-threads $threads
+    evaluate eval-base-sft pipeline-$RECIPE-sft --models base,sft --num-threads $threads
   ) > "$log" 2>&1 &
   side=$!
   # a failed or interrupted GRPO stops the side lane too (its children first: the subshell only waits)
@@ -110,7 +109,7 @@ print(int(float(mix.get("reward_model") or 0) > 0))' $CFG/grpo.yaml 2>/dev/null 
   fi
   side=
   grep '^\[' "$log" || true   # the side lane's phase lines
-  evaluate --models base,sft,rlhf
+  evaluate eval pipeline-$RECIPE --models base,sft,rlhf
 fi
 
 echo
