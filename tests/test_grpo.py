@@ -14,6 +14,7 @@ import yaml
 
 import grpo_train
 from tests.conftest import ROOT
+from utils.core.artifacts import is_complete_checkpoint
 from utils.core.cli import run
 from utils.core.config import ConfigError, load_config
 from utils.training.grpo.callbacks import heldout_summary, paired_change, samples_markdown
@@ -411,11 +412,11 @@ def test_resume_after_sigkill_reaches_the_same_final_step(tmp_path, processed, t
     log_path = tmp_path / "first.log"
     with log_path.open("w") as log_file:  # a file, not a pipe: a full pipe would stall the run
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
-        ckpt = tmp_path / "run/checkpoint-2/trainer_state.json"
+        ckpt = tmp_path / "run/checkpoint-2"
         deadline = time.time() + 300
-        while not ckpt.is_file() and proc.poll() is None and time.time() < deadline:
+        while not is_complete_checkpoint(ckpt) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
-        if not ckpt.is_file():
+        if not is_complete_checkpoint(ckpt):
             proc.kill()
             pytest.fail(f"no checkpoint-2 in time: {log_path.read_text()[-3000:]}")
         os.kill(proc.pid, signal.SIGKILL)

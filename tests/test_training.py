@@ -91,11 +91,14 @@ def test_lora_config_from_fields(tmp_path):
     assert lora_config(cfg(tmp_path, adapter="none")) is None
 
 
-def _fake_checkpoint(run: Path, step: int, complete: bool = True) -> Path:
+def _fake_checkpoint(run: Path, step: int, complete: bool = True, state: str | None = None) -> Path:
+    """``state``: trainer_state.json's text as a kill left it (empty, cut short)."""
     p = run / f"checkpoint-{step}"
     p.mkdir(parents=True)
     (p / "adapter_model.safetensors").write_bytes(b"x")
-    if complete:
+    if state is not None:
+        (p / "trainer_state.json").write_text(state)
+    elif complete:
         (p / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return p
 
@@ -108,6 +111,8 @@ def test_resume_auto_picks_last_complete_checkpoint(tmp_path):
     _fake_checkpoint(run, 2)
     _fake_checkpoint(run, 10)
     _fake_checkpoint(run, 12, complete=False)  # killed while being written
+    _fake_checkpoint(run, 14, state="")  # killed as trainer_state.json was opened (CI saw this one)
+    _fake_checkpoint(run, 16, state='{"log_history": [{"loss": 1.')  # killed halfway through writing it
     assert [p.name for p in checkpoints(run)] == ["checkpoint-2", "checkpoint-10"]
     # logging and output keys may change between the run and its resumption
     assert resume_checkpoint(cfg(tmp_path, logging_steps=1, save_steps=3)) == str(run / "checkpoint-10")
@@ -135,9 +140,10 @@ def test_resume_never_and_path(tmp_path):
     assert list(run.glob("previous-*/checkpoint-4"))  # moved aside, not deleted
     with pytest.raises(UserError, match="not a folder"):
         resume_checkpoint(cfg(tmp_path, resume=str(tmp_path / "nope")))
-    half = _fake_checkpoint(run, 6, complete=False)
-    with pytest.raises(UserError, match="not a complete checkpoint"):
-        resume_checkpoint(cfg(tmp_path, resume=str(half)))
+    for step, state in [(6, None), (8, "")]:
+        half = _fake_checkpoint(run, step, complete=False, state=state)
+        with pytest.raises(UserError, match="not a complete checkpoint"):
+            resume_checkpoint(cfg(tmp_path, resume=str(half)))
 
 
 def _tiny_peft(tiny_llama):

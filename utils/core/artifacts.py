@@ -104,14 +104,24 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ============================================================================= run folder and resume
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` holds a checkpoint the Trainer finished writing. It writes trainer_state.json last,
+    so a checkpoint killed while being written lacks it, or holds it empty or cut short (a kill during
+    that very write): both are incomplete."""
+    try:
+        state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and isinstance(state.get("global_step"), int)
+
+
 def checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in ``run_dir``, oldest first. The Trainer writes trainer_state.json last, so a
-    checkpoint killed while being written lacks it and is skipped."""
+    """Complete checkpoints in ``run_dir`` (:func:`is_complete_checkpoint`), oldest first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if p.is_dir() and (m := CHECKPOINT.match(p.name)) and (p / "trainer_state.json").is_file()]
+             if p.is_dir() and (m := CHECKPOINT.match(p.name)) and is_complete_checkpoint(p)]
     return [p for _, p in sorted(found)]
 
 

@@ -17,7 +17,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from utils.core.artifacts import FINGERPRINT, METRICS_FILE, TRAIN_CONFIG, checkpoints, training_lineage
+from utils.core.artifacts import (
+    FINGERPRINT,
+    METRICS_FILE,
+    TRAIN_CONFIG,
+    checkpoints,
+    is_complete_checkpoint,
+    training_lineage,
+)
 from utils.core.config import UserError, dump_yaml, to_dict
 from utils.core.fingerprint import differences
 from utils.training.config import TrainConfig, precision_flags
@@ -281,8 +288,9 @@ def resume_checkpoint(cfg: TrainConfig, write: bool = True, fingerprint: dict | 
         path = Path(cfg.resume)
         if not path.is_dir():
             raise UserError(f"resume: {path} is not a folder; expected auto, never or a checkpoint folder")
-        if not (path / "trainer_state.json").is_file():
-            raise UserError(f"resume: {path} is not a complete checkpoint (no trainer_state.json)")
+        if not is_complete_checkpoint(path):
+            raise UserError(f"resume: {path} is not a complete checkpoint (no readable trainer_state.json with "
+                            "a global_step; the run was killed while saving it): pick an earlier checkpoint")
         chosen = str(path)
         if record and record.get("fingerprint") and path.resolve().parent == run_dir.resolve():
             changed = differences(_compared(record["fingerprint"]), _compared(fp))
