@@ -9,6 +9,8 @@ Usage:
     python evaluate.py --config configs/cpu/eval.yaml --models sft,models/other-adapter   # any folder
     python evaluate.py --config configs/cpu/eval.yaml --input my_questions.jsonl          # your own file
     python evaluate.py --config configs/cpu/eval.yaml --judge local --judge-model sft
+    accelerate launch --num_processes 4 evaluate.py --config configs/llama-3.2-3b/eval.yaml  # 4 GPUs share
+    torchrun --nproc-per-node 2 evaluate.py --config configs/cpu/eval.yaml --num-threads 1  # 2 CPU processes
     python evaluate.py --config configs/llama-3.2-3b/eval.yaml --judge openai \\
         --judge-endpoint http://localhost:8000/v1 --judge-model meta-llama/Llama-3.1-70B-Instruct
 
@@ -28,6 +30,8 @@ from utils.evaluation.run import headline, run_evaluation
 
 def main(config: EvalConfig):
     result, out = run_evaluation(config)
+    if result is None:  # not the first of several processes: it shared the generation, the first reports
+        return
     print(headline(result))
     print(f"report: {out / 'report.md'}  {out / 'report.html'}")
 

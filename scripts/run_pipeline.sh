@@ -13,9 +13,10 @@
 #
 # Two lanes on a CPU (LANES=2, the default there): GRPO trains on half the cores while the other half
 # trains the reward model (unless GRPO's reward mix needs it first) and evaluates base and SFT, whose
-# cached answers the last phase reuses. Why: GRPO is mostly batched decoding, bound by memory bandwidth,
-# so on 2 cores one thread steps as fast as two and the second core would idle; the side lane's work
-# then costs no wall time. On a GPU the phases would compete for its memory, so LANES defaults to 1.
+# cached answers the last phase reuses; the last phase then answers with GRPO's model in two processes.
+# Why: GRPO is mostly batched decoding, bound by memory bandwidth, so on 2 cores one thread steps as fast
+# as two and the second core would idle; the side lane's work then costs no wall time. On a GPU the
+# phases would compete for its memory, so LANES defaults to 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,8 +36,8 @@ TIMES=$REPORTS/pipeline_times.tsv
 [[ -x $PY ]] || { echo "error: $PY not found: run 'make setup' first" >&2; exit 2; }
 if [[ $LANES == auto ]]; then
   LANES=1
-  # one process per phase, no GPU, at least 2 cores
-  if [[ $LAUNCH == "$PY" ]] && (( $(nproc) >= 2 )) && ! $PY -c 'import sys, torch; sys.exit(torch.cuda.is_available())' 2>/dev/null; then
+  # one process per phase, at least 2 cores, no GPU (the check exits 0 when torch sees none)
+  if [[ $LAUNCH == "$PY" ]] && (( $(nproc) >= 2 )) && $PY -c 'import sys, torch; sys.exit(torch.cuda.is_available())' 2>/dev/null; then
     LANES=2
   fi
 fi
@@ -76,10 +77,13 @@ phase 2 sft "[[ -f $MODELS/sft/.complete ]]" $LAUNCH sft_train.py --config $CFG/
 
 reward() { phase 3 reward "[[ -f $MODELS/reward/.complete ]]" $LAUNCH reward_model.py --config $CFG/reward.yaml "$@"; }
 grpo() { phase 4 grpo "[[ -f $MODELS/rlhf/.complete ]]" $LAUNCH grpo_train.py --config $CFG/grpo.yaml "$@"; }
-# evaluation (phase name, report name, flags): answers are cached, so a rerun only generates what is missing
-evaluate() { local name=$1 run=$2; shift 2; phase 5 $name "false" $PY evaluate.py --config $CFG/eval.yaml --run-name $run "$@"; }
+# evaluation (phase name, report name, flags): answers are cached, so a rerun only generates what is missing;
+# $eval_launch: how evaluate.py starts (several processes share the generation)
+eval_launch=$PY
+evaluate() { local name=$1 run=$2; shift 2; phase 5 $name "false" $eval_launch evaluate.py --config $CFG/eval.yaml --run-name $run "$@"; }
 
 if [[ $LANES == 1 ]]; then
+  eval_launch=$LAUNCH   # under accelerate launch, the GPUs share the generation too
   reward; grpo; evaluate eval pipeline-$RECIPE --models base,sft,rlhf
 else
   threads=$(( $(nproc) > 1 ? $(nproc) / 2 : 1 ))
@@ -109,7 +113,10 @@ print(int(float(mix.get("reward_model") or 0) > 0))' $CFG/grpo.yaml 2>/dev/null 
   fi
   side=
   grep '^\[' "$log" || true   # the side lane's phase lines
-  evaluate eval pipeline-$RECIPE --models base,sft,rlhf
+  # GRPO's answers, the only ones not cached, in two processes on half the cores each: for the same reason
+  # as the lanes, two one-thread decoders answer nearly twice as fast as one two-thread decoder
+  eval_launch="$PY -m torch.distributed.run --standalone --nproc-per-node 2"
+  evaluate eval pipeline-$RECIPE --models base,sft,rlhf --num-threads $threads
 fi
 
 echo

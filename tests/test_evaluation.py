@@ -321,6 +321,7 @@ def cache_lines(tmp_path) -> int:
 
 @pytest.mark.slow
 def test_cache_and_resume(tmp_path, tiny_llama, processed, monkeypatch):
+    from utils.evaluation.metrics import score_answers as real_score
     from utils.evaluation.run import run_evaluation
 
     test_file = str(processed / "eval/test.jsonl")
@@ -342,11 +343,20 @@ def test_cache_and_resume(tmp_path, tiny_llama, processed, monkeypatch):
     assert (out / "report.html").is_file()
     first = result.answers["tiny-llama"]
 
-    # a complete cache: nothing generated, the same answers
+    # a complete cache: nothing generated, the same answers, and their scores read back, not computed
+    import utils.evaluation.metrics as metrics
+
     gen = CountingGenerate(monkeypatch)
+    scored = []
+    monkeypatch.setattr(metrics, "score_answers", lambda *a, **k: scored.append(1) or real_score(*a, **k))
     again, _ = run_evaluation(cfg)
     assert gen.prompts == 0 and again.answers["tiny-llama"] == first
     assert again.generation["tiny-llama"].cached == n
+    assert not scored and again.scores == result.scores
+    # another mix: scored again
+    reweighed, _ = run_evaluation(cfg_for(tmp_path, models=[str(tiny_llama)], test_file=test_file, batch_size=1,
+                                          rewards={"rouge": 1.0}))
+    assert scored == [1] and reweighed.scores["tiny-llama"][0]["total"] == result.scores["tiny-llama"][0]["rouge"]
 
     # another generation setting never reuses those answers
     gen = CountingGenerate(monkeypatch)
@@ -573,3 +583,26 @@ def test_answer_cache_survives_a_torn_write(tmp_path):
     # another setting, another file: nothing reused
     assert AnswerCache(tmp_path, spec, {"max_new_tokens": 9}).entries == {}
     assert AnswerCache(tmp_path, ModelSpec("m", "m", "m", "fp2", "plain"), {"max_new_tokens": 8}).entries == {}
+
+
+def test_answer_cache_parts_of_several_processes(tmp_path):
+    """Each process appends to its own part file; a reader sees them all, and merging folds them into the
+    cache file (once per key) and removes them. A part cut short by a kill keeps its whole lines."""
+    from utils.evaluation.answers import AnswerCache, ModelSpec
+
+    spec, settings = ModelSpec("m", "m", "m", "fp", "plain"), {"max_new_tokens": 8}
+    main = AnswerCache(tmp_path, spec, settings)
+    main.add([("k0", "a", "A.")])
+    for rank, items in [(0, [("k1", "b", "B.")]), (1, [("k2", "c", "C."), ("k0", "a", "A.")])]:
+        AnswerCache(tmp_path, spec, settings, rank=rank).add(items)
+    with main.path.with_name(main.path.name + ".part1").open("a") as f:
+        f.write('{"key": "k3", "id": "d", "compl')  # killed mid-line
+    parts = sorted(p.name for p in main.path.parent.iterdir())
+    assert parts == [main.path.name, main.path.name + ".part0", main.path.name + ".part1"]
+    reader = AnswerCache(tmp_path, spec, settings)
+    assert reader.entries == {"k0": "A.", "k1": "B.", "k2": "C."}
+    reader.merge()
+    assert [p.name for p in main.path.parent.iterdir()] == [main.path.name]
+    keys = [json.loads(line)["key"] for line in main.path.read_text().splitlines()]
+    assert sorted(keys) == ["k0", "k1", "k2"]
+    assert AnswerCache(tmp_path, spec, settings).entries == reader.entries

@@ -69,8 +69,10 @@ def test_whole_pipeline_on_tiny_llama(tmp_path, tiny_llama, raw_dir):
     assert phases[:2] == ["prepare", "sft"] and phases[-1] == "eval"
     assert sorted(phases[2:-1]) == ["eval-base-sft", "grpo", "reward"]   # the two lanes, in either order
     assert (tmp_path / "reports/pipeline-tiny-sft/report.md").is_file()   # base vs SFT, written beside GRPO
-    # the last evaluation generates only GRPO's answers: base's and SFT's come from the side lane's cache
+    # the last evaluation generates only GRPO's answers, in two processes: base's and SFT's come from the
+    # side lane's cache
     assert "base: all" in r.stderr and "sft: all" in r.stderr and "rlhf: generating" in r.stderr
+    assert "process 0 of 2" in r.stderr
     assert "chat.py" in r.stdout and "report.html" in r.stdout
 
     # Run again: every finished phase is skipped, evaluation reuses its cached answers.

@@ -17,8 +17,10 @@ from tests.conftest import ROOT
 # a phase script is logged, leaves its done-marker, sleeps $SLEEP_<script> seconds and fails when $FAIL names it.
 FAKE = """#!/usr/bin/env bash
 [[ $1 == -c ]] && exec {python} "$@"
+via=""  # -m LAUNCHER ARGS... SCRIPT.py: recorded after the script's own arguments
+if [[ $1 == -m ]]; then via=" via $2"; shift 2; while [[ $1 != *.py ]]; do via+=" $1"; shift; done; fi
 script=${{1%.py}}
-echo "$(date +%s.%N) start $*" >> "$CALLS"
+echo "$(date +%s.%N) start $*$via" >> "$CALLS"
 var=SLEEP_$script; sleep "${{!var:-0}}"
 if [[ ${{FAIL:-}} == "$script" ]]; then echo "boom in $script" >&2; exit 3; fi
 case $script in
@@ -30,7 +32,7 @@ echo "$(date +%s.%N) end $script" >> "$CALLS"
 """
 
 
-def pipeline(tmp, lanes="2", fail="", rm_weight=0.0, sleep=None, timeout=120):
+def pipeline(tmp, lanes="2", fail="", rm_weight=0.0, sleep=None, timeout=120, launch=None):
     py = tmp / "python"
     if not py.exists():
         py.write_text(FAKE.format(python=sys.executable))
@@ -44,7 +46,8 @@ def pipeline(tmp, lanes="2", fail="", rm_weight=0.0, sleep=None, timeout=120):
     env = {**os.environ, "PYTHON": str(py), "CFG_DIR": str(tmp / "configs"), "RAW_DIR": str(tmp),
            "ECG_MODELS_DIR": str(tmp / "models"), "PROCESSED_DIR": str(tmp / "processed"),
            "REPORTS_DIR": str(tmp / "reports"), "RECIPE": "fake", "LANES": lanes, "FAIL": fail,
-           "CALLS": str(tmp / "calls.log"), **{f"SLEEP_{k}": str(v) for k, v in (sleep or {}).items()}}
+           "CALLS": str(tmp / "calls.log"), **{f"SLEEP_{k}": str(v) for k, v in (sleep or {}).items()},
+           **({"LAUNCH": f"{py} {launch}"} if launch else {})}
     r = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=timeout)
     return r, read_calls(tmp)
@@ -74,8 +77,10 @@ def test_grpo_runs_beside_the_reward_model_and_the_first_evaluation(tmp_path):
     side = [s for s in starts if s.startswith(("reward_model.py", "evaluate.py"))]
     assert all(s.endswith(f"--num-threads {threads}") for s in side[:2]), side
     assert "--models base,sft --num-threads" in side[1]
-    # the last evaluation, after GRPO, reuses the cached base and SFT answers
+    # the last evaluation, after GRPO, reuses the cached base and SFT answers and answers with GRPO's model
+    # in two processes on the same share of the cores each
     assert starts[-1].startswith("evaluate.py") and "--models base,sft,rlhf" in starts[-1]
+    assert starts[-1].endswith(f"--num-threads {threads} via torch.distributed.run --standalone --nproc-per-node 2")
     assert when(calls, "start", "evaluate.py --config") < when(calls, "end", "grpo_train") < calls[-1][0]
     assert "[side lane] reward model, evaluation of base and SFT" in r.stdout
     assert "eval-base-sft: finished" in r.stdout   # the side lane's phase lines reach the terminal
@@ -114,6 +119,28 @@ def test_one_lane_keeps_the_phases_in_order(tmp_path):
     assert order == ["prepare_data.py", "sft_train.py", "reward_model.py", "grpo_train.py", "evaluate.py"]
     assert not any("--num-threads" in rest for _, _, rest in calls)
     assert "side lane" not in r.stdout
+
+
+def test_auto_picks_two_lanes_on_a_cpu_with_two_cores(tmp_path):
+    """The default: no GPU here (tests never have one), so two lanes wherever there are two cores."""
+    r, calls = pipeline(tmp_path, lanes="auto")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    two = len(os.sched_getaffinity(0)) >= 2  # what nproc counts
+    assert ("[side lane]" in r.stdout) == two
+    assert any("--num-threads" in rest for _, _, rest in calls) == two
+
+
+def test_a_launcher_starts_training_and_the_evaluation(tmp_path):
+    """LAUNCH (accelerate launch on several GPUs) starts the training phases and the evaluation, whose
+    processes share the generation; data preparation runs once. A launcher means one lane."""
+    launch = "-m accelerate.commands.launch --num_processes 2"
+    r, calls = pipeline(tmp_path, lanes="auto", launch=launch)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    starts = [rest for _, w, rest in calls if w == "start"]
+    assert [s.split()[0] for s in starts] == ["prepare_data.py", "sft_train.py", "reward_model.py", "grpo_train.py",
+                                              "evaluate.py"]
+    assert "via" not in starts[0] and all(s.endswith("via accelerate.commands.launch --num_processes 2")
+                                          for s in starts[1:])
 
 
 @pytest.mark.parametrize("lanes", ["3", "two"])

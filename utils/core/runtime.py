@@ -69,6 +69,17 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def launched_processes():
+    """accelerate's ``PartialState`` when the script was started as several processes (``accelerate launch``,
+    ``torchrun``: WORLD_SIZE > 1), else None. CPU processes need ``cpu=True`` to form a (gloo) group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def machine_summary() -> dict:
     """What the machine a figure was measured on is: CPU model, cores, the vector extensions torch uses and
     whether the CPU has native bf16 (AVX512-BF16 or AMX), and the GPUs. Speed figures differ between

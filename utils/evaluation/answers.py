@@ -11,6 +11,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -82,28 +83,59 @@ def prompt_for(row: dict, fmt: str) -> list[dict]:
 class AnswerCache:
     """One JSONL file per (model files, generation settings); one line per item: ``{key, id, completion}``
     with ``key`` = hash(file hash, item id, prompt). Lines are appended after every batch, so an
-    interrupted run keeps what it finished; a partial last line is dropped."""
+    interrupted run keeps what it finished; a partial last line is dropped.
 
-    def __init__(self, cache_dir: str | Path, spec: ModelSpec, settings: dict):
+    Process ``rank`` of several appends to its own part file (``<file>.part<rank>``: two processes appending
+    to one file could interleave their lines); the parts are read with the file and :meth:`merge` folds
+    them into it, so a run killed before merging loses nothing either."""
+
+    def __init__(self, cache_dir: str | Path, spec: ModelSpec, settings: dict, rank: int | None = None):
         self.tag = _sha({"model": spec.fingerprint, "settings": settings, "format": spec.answer_format})[:12]
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.name)
         self.path = Path(cache_dir) / "answers" / f"{slug}-{self.tag}.jsonl"
+        self.write_path = self.path if rank is None else self.path.with_name(f"{self.path.name}.part{rank}")
         self.entries: dict[str, str] = {}
-        for e in read_log(self.path):  # a torn last line (an interrupted run) is dropped and generated again
-            if isinstance(e.get("key"), str) and isinstance(e.get("completion"), str):
-                self.entries[e["key"]] = e["completion"]
+        self.reload()
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.path.parent.glob(f"{self.path.name}.part*"))
+
+    def reload(self) -> None:
+        """Read the file and its parts (what other processes generated)."""
+        for path in [self.path, *self._parts()]:
+            for e in read_log(path):  # a torn last line (an interrupted run) is dropped and generated again
+                if isinstance(e.get("key"), str) and isinstance(e.get("completion"), str):
+                    self.entries[e["key"]] = e["completion"]
 
     def key(self, row: dict, prompt: list[dict]) -> str:
         return _sha([self.tag, row["id"], prompt])[:24]
 
     def add(self, items: list[tuple[str, str, str]]) -> None:
         """Append ``(key, id, completion)`` lines."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
+        self.write_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.write_path.open("a", encoding="utf-8") as f:
             for key, item_id, completion in items:
                 f.write(json.dumps({"key": key, "id": item_id, "completion": completion}, ensure_ascii=False) + "\n")
                 self.entries[key] = completion
             f.flush()
+
+    def merge(self) -> None:
+        """Fold the part files into the cache file (one process, once every part is written)."""
+        parts = self._parts()
+        if not parts:
+            return
+        self.reload()
+        known = {e.get("key") for e in read_log(self.path)}
+        with self.path.open("a", encoding="utf-8") as f:
+            for part in parts:
+                for e in read_log(part):
+                    if e.get("key") not in known and isinstance(e.get("completion"), str):
+                        f.write(json.dumps(e, ensure_ascii=False) + "\n")
+                        known.add(e.get("key"))
+            f.flush()
+            os.fsync(f.fileno())
+        for part in parts:
+            part.unlink()
 
 
 @dataclass
@@ -118,27 +150,38 @@ class GenerationRun:
         return self.generated / self.seconds if self.seconds and self.generated else None
 
 
-def generate_answers(spec: ModelSpec, rows: list[dict], cfg: EvalConfig) -> tuple[list[str], GenerationRun]:
+def generate_answers(spec: ModelSpec, rows: list[dict], cfg: EvalConfig, state=None) -> tuple[list[str], GenerationRun]:
     """The model's answer to every row, from the cache where there is one; the rest generated in chunks
-    (each appended to the cache as soon as it is done). The model is loaded only when something is missing."""
+    (each appended to the cache as soon as it is done). The model is loaded only when something is missing.
+
+    ``state`` (accelerate's ``PartialState``) with several processes: each generates every N-th missing
+    answer on its own device, then all wait for each other and read the others' answers from the cache:
+    N GPUs, or N single-thread processes on a CPU (decoding is bound by memory bandwidth there, so two
+    one-thread processes answer nearly twice as fast as one two-thread process), share the work."""
     from utils.models import generation
 
-    cache = AnswerCache(cfg.cache_dir, spec, cfg.generation_settings())
+    shards = state is not None and state.num_processes > 1
+    rank, world = (state.process_index, state.num_processes) if shards else (0, 1)
+    cache = AnswerCache(cfg.cache_dir, spec, cfg.generation_settings(), rank=rank if shards else None)
     prompts = [prompt_for(r, spec.answer_format) for r in rows]
     keys = [cache.key(r, p) for r, p in zip(rows, prompts)]
     todo = [i for i, k in enumerate(keys) if k not in cache.entries]
     run = GenerationRun(cached=len(rows) - len(todo))
+    # Longest prompts first: similar lengths share a batch (little padding), and the slowest batch comes
+    # first, so the progress log's rate is a safe estimate. Every N-th of that order per process gives
+    # each a like mix of lengths.
+    todo.sort(key=lambda i: -len(json.dumps(prompts[i])))
+    todo = todo[rank::world]
     if todo:
-        log.info("%s: generating %d answers (%d cached) -> %s", spec.name, len(todo), run.cached, cache.path)
-        model, tok = load_for_inference(spec.path, cfg.base_model, dtype=cfg.dtype)
+        log.info("%s: generating %d answers (%d cached%s) -> %s", spec.name, len(todo), run.cached,
+                 f"; process {rank} of {world}" if shards else "", cache.write_path)
+        model, tok = load_for_inference(spec.path, cfg.base_model, dtype=cfg.dtype,
+                                        device=str(state.device) if state is not None else None)
         if cfg.repetition_penalty != 1.0:
             # generate() takes no repetition_penalty; transformers reads it from the generation config
             model.generation_config.repetition_penalty = cfg.repetition_penalty
-        # Longest prompts first: similar lengths share a batch (little padding), and the slowest batch
-        # comes first, so the progress log's rate is a safe estimate. Four batches per call to generate
-        # (on CPU its decoder keeps the rows full until a chunk's last answers), each chunk cached at once:
-        # an interruption loses at most one chunk.
-        todo.sort(key=lambda i: -len(json.dumps(prompts[i])))
+        # Four batches per call to generate (on CPU its decoder keeps the rows full until a chunk's last
+        # answers), each chunk cached at once: an interruption loses at most one chunk.
         chunk = 4 * cfg.batch_size
         started = time.time()
         for c, start in enumerate(range(0, len(todo), chunk)):
@@ -146,7 +189,7 @@ def generate_answers(spec: ModelSpec, rows: list[dict], cfg: EvalConfig) -> tupl
             outs = generation.generate(model, tok, [prompts[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
                                        batch_size=cfg.batch_size, do_sample=cfg.do_sample,
                                        temperature=cfg.temperature, top_p=cfg.top_p,
-                                       seed=cfg.seed + c if cfg.do_sample else None)
+                                       seed=cfg.seed + c * world + rank if cfg.do_sample else None)
             run.new_tokens += generation.last_stats.new_tokens
             cache.add([(keys[i], rows[i]["id"], o) for i, o in zip(idx, outs)])
             run.generated += len(idx)
@@ -156,6 +199,18 @@ def generate_answers(spec: ModelSpec, rows: list[dict], cfg: EvalConfig) -> tupl
         run.seconds = time.time() - started
         del model, tok
         gc.collect()
-    else:
+    elif run.cached == len(rows):
         log.info("%s: all %d answers cached (%s)", spec.name, len(rows), cache.path)
+    if shards:
+        from accelerate.utils import gather_object
+
+        # every process's share is in its part file once all are here; each timed its share side by side
+        # with the others, so the run took the longest of those times
+        shares = gather_object([(run.generated, run.seconds, run.new_tokens)])
+        run.generated = sum(g for g, _, _ in shares)
+        run.new_tokens = sum(t for _, _, t in shares)
+        run.seconds = max(sec for _, sec, _ in shares)
+        if not state.is_main_process:
+            return [], run  # the first process scores and reports
+        cache.merge()
     return [cache.entries[k] for k in keys], run

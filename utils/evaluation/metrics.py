@@ -4,8 +4,13 @@ ROUGE-L, BLEU-1 and METEOR among them) plus key-term precision and recall and th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from utils.core.config import UserError
 from utils.data.formats import parse
@@ -108,3 +113,49 @@ def reward_model_status(cfg: EvalConfig) -> tuple[str | None, str | None]:
     except UserError as e:
         return None, f"reward model column left out: {e}"
     return cfg.reward_model, None
+
+
+def _scoring_key(completions: list[str], rows: list[dict], answer_format: str, cfg: EvalConfig,
+                 reward_model: str | None) -> str:
+    """A hash of everything a score depends on: the answers and items themselves, the mix and its options,
+    the reward model's and the lexicon's files, whether WordNet is there (METEOR), and the code."""
+    from utils.core.fingerprint import code_version, file_sha256
+    from utils.rewards.overlap import load_wordnet
+
+    rm = None
+    if reward_model:
+        from utils.evaluation.answers import model_fingerprint
+        from utils.models.resolve import resolve_model
+
+        rm = model_fingerprint(resolve_model(reward_model, cfg.base_model))
+    lexicon = Path(cfg.term_lexicon) if cfg.term_lexicon else None
+    key = {"completions": completions, "rows": rows, "format": answer_format,
+           "weights": reward_weights(cfg, reward_model is not None), "options": cfg.reward_options(),
+           "base_model": cfg.base_model, "reward_model": rm,
+           "lexicon": file_sha256(lexicon) if lexicon and lexicon.is_file() else cfg.term_lexicon,
+           "wordnet": load_wordnet() is not None, "code": code_version()["source_sha256"]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def cached_scores(name: str, completions: list[str], rows: list[dict], answer_format: str, cfg: EvalConfig,
+                  reward_model: str | None) -> list[dict]:
+    """:func:`score_answers`, kept in ``<cache_dir>/scores/``: a run that compares a model again with the
+    same answers on the same items (the pipeline's last evaluation, after the side lane's base and SFT;
+    adding a model to a comparison) reads its scores instead of computing them again. The key
+    (:func:`_scoring_key`) changes with anything that could change a score, the code included."""
+    key = _scoring_key(completions, rows, answer_format, cfg, reward_model)
+    path = Path(cfg.cache_dir) / "scores" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{key}.json"
+    try:
+        scores = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(scores, list) and len(scores) == len(rows):
+            log.info("%s: scores cached (%s)", name, path)
+            return scores
+    except (OSError, ValueError):
+        pass  # none yet, or a torn write: score again
+    log.info("%s: scoring %d answers", name, len(rows))
+    scores = score_answers(completions, rows, answer_format, cfg, reward_model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(scores), encoding="utf-8")
+    tmp.replace(path)  # whole or absent: two evaluations side by side never read half a file
+    return scores

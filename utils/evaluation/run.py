@@ -21,12 +21,13 @@ import logging
 import time
 from pathlib import Path
 
+from utils.core.runtime import launched_processes, set_threads
 from utils.data.formats import parse
 from utils.evaluation.answers import generate_answers, resolve_models
 from utils.evaluation.config import EvalConfig, load_items
 from utils.evaluation.judge import Judge
 from utils.evaluation.leakage import check_test_items, training_stopped_early
-from utils.evaluation.metrics import METRIC_BY_NAME, METRICS, reward_model_status, score_answers
+from utils.evaluation.metrics import METRIC_BY_NAME, METRICS, cached_scores, reward_model_status
 from utils.evaluation.stats import EvalResult, compare_models, summarize
 from utils.rewards.lexicon import load_lexicon
 from utils.rewards.overlap import load_wordnet
@@ -35,15 +36,17 @@ log = logging.getLogger(__name__)
 
 
 # ============================================================================= the run
-def run_evaluation(cfg: EvalConfig) -> tuple[EvalResult, Path]:
-    """Generate, score, compare and report (see the module docstring). Returns the result and the report folder."""
+def run_evaluation(cfg: EvalConfig) -> tuple[EvalResult | None, Path]:
+    """Generate, score, compare and report (see the module docstring). Returns the result and the report
+    folder; under several processes, the result on the first only (the others share the generation)."""
     from utils.evaluation.report import report_dir, write_report
 
     started = time.time()
-    if cfg.num_threads:
-        import torch
-
-        torch.set_num_threads(cfg.num_threads)
+    set_threads(cfg.num_threads)
+    # several processes (accelerate launch, torchrun) share the generation; the first scores and reports
+    state = launched_processes()
+    if state is not None and not state.is_main_process:
+        logging.getLogger("utils").setLevel(logging.ERROR)  # one process tells the story
     # Everything that can be wrong with the input is checked before the first answer is generated.
     rows, source = load_items(cfg)
     specs = resolve_models(cfg)
@@ -61,7 +64,7 @@ def run_evaluation(cfg: EvalConfig) -> tuple[EvalResult, Path]:
         if note:
             log.warning("%s", note)
             notes.append(note)
-    judge = Judge(cfg) if cfg.judge != "none" else None
+    judge = Judge(cfg) if cfg.judge != "none" and (state is None or state.is_main_process) else None
     load_lexicon(cfg.term_lexicon)
     wordnet = load_wordnet()
     if wordnet is None:
@@ -70,10 +73,14 @@ def run_evaluation(cfg: EvalConfig) -> tuple[EvalResult, Path]:
 
     answers, runs, scores, replies = {}, {}, {}, {}
     for spec in specs:
-        answers[spec.name], runs[spec.name] = generate_answers(spec, rows, cfg)
+        answers[spec.name], runs[spec.name] = generate_answers(spec, rows, cfg, state)
+    if state is not None:
+        if not state.is_main_process:
+            return None, out
+        # the other processes are done: their CPU threads are free for the scoring
+        set_threads(cfg.num_threads * state.num_processes)
     for spec in specs:
-        log.info("%s: scoring %d answers", spec.name, len(rows))
-        scores[spec.name] = score_answers(answers[spec.name], rows, spec.answer_format, cfg, reward_model)
+        scores[spec.name] = cached_scores(spec.name, answers[spec.name], rows, spec.answer_format, cfg, reward_model)
     if judge is not None:
         for spec in specs:
             log.info("%s: judging %d answers with %s", spec.name, len(rows), judge.name)
