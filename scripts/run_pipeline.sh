@@ -34,10 +34,12 @@ TIMES=$REPORTS/pipeline_times.tsv
 
 [[ -d $CFG ]] || { echo "error: no recipe folder $CFG (recipes: $(ls configs | grep -v accelerate | tr '\n' ' '))" >&2; exit 2; }
 [[ -x $PY ]] || { echo "error: $PY not found: run 'make setup' first" >&2; exit 2; }
+cuda=0   # the check exits 0 when torch sees no GPU
+$PY -c 'import sys, torch; sys.exit(torch.cuda.is_available())' 2>/dev/null || cuda=1
 if [[ $LANES == auto ]]; then
   LANES=1
-  # one process per phase, at least 2 cores, no GPU (the check exits 0 when torch sees none)
-  if [[ $LAUNCH == "$PY" ]] && (( $(nproc) >= 2 )) && $PY -c 'import sys, torch; sys.exit(torch.cuda.is_available())' 2>/dev/null; then
+  # one process per phase, at least 2 cores, no GPU
+  if [[ $LAUNCH == "$PY" ]] && (( $(nproc) >= 2 )) && (( ! cuda )); then
     LANES=2
   fi
 fi
@@ -115,7 +117,8 @@ print(int(float(mix.get("reward_model") or 0) > 0))' $CFG/grpo.yaml 2>/dev/null 
   grep '^\[' "$log" || true   # the side lane's phase lines
   # GRPO's answers, the only ones not cached, in two processes on half the cores each: for the same reason
   # as the lanes, two one-thread decoders answer nearly twice as fast as one two-thread decoder
-  eval_launch="$PY -m torch.distributed.run --standalone --nproc-per-node 2"
+  # (not with LANES=2 forced on a GPU machine: the second process would look for a second GPU)
+  (( cuda )) || eval_launch="$PY -m torch.distributed.run --standalone --nproc-per-node 2"
   evaluate eval pipeline-$RECIPE --models base,sft,rlhf --num-threads $threads
 fi
 

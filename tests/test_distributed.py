@@ -190,21 +190,27 @@ def _grpo(tmp_path, data, tiny_llama, kind, port):
 
 
 def test_evaluation_shares_generation_over_two_processes(tmp_path, data, tiny_llama):
-    """torchrun starts two CPU processes: each answers every other question into its own part of the
-    cache, the first merges them, scores and reports; a single process then finds every answer cached."""
+    """torchrun starts two CPU processes: the first reads the cache (here: 3 answers from an earlier run),
+    each answers half of the rest into its own part of the cache, the first merges them, scores and
+    reports; a single process then finds every answer cached."""
     n = len((data / "eval/test.jsonl").read_text().splitlines())
     flags = ["evaluate.py", "--config", "configs/cpu/eval.yaml", "--models", str(tiny_llama), "--test-file",
              str(data / "eval/test.jsonl"), "--reward-model", "null", "--max-new-tokens", "4", "--batch-size", "2",
-             "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "reports"), "--run-name", "two",
-             "--num-threads", "1"]
-    r = _launch(tmp_path, "ddp", flags, 0)
+             "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "reports")]
+    r = _launch(tmp_path, "single", [*flags, "--run-name", "some", "--limit", "3"], 0)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("report: ") == 1 and "process 0 of 2" in r.stderr  # the first process reports
+
+    r = _launch(tmp_path, "ddp", [*flags, "--run-name", "two", "--num-threads", "1"], 0)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("report: ") == 1  # the first process reports
+    left = n - 3
+    assert f"generating {(left + 1) // 2} answers (3 cached; process 0 of 2)" in r.stderr
+    assert f"{left} answers from 2 processes ({(left + 1) // 2} + {left // 2})" in r.stderr
     (cache,) = (tmp_path / "cache/answers").iterdir()  # the parts were merged into one file
     assert len({json.loads(line)["key"] for line in cache.read_text().splitlines()}) == n
-    metrics = json.loads((tmp_path / "reports/two/metrics.json").read_text())
-    assert metrics["generation"]["tiny-llama"]["generated"] == n
+    generation = json.loads((tmp_path / "reports/two/metrics.json").read_text())["generation"]["tiny-llama"]
+    assert generation["generated"] == left and generation["cached"] == 3
 
-    r = _launch(tmp_path, "single", [*flags[:-6], "--out-dir", str(tmp_path / "reports"), "--run-name", "one"], 0)
+    r = _launch(tmp_path, "single", [*flags, "--run-name", "one"], 0)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"all {n} answers cached" in r.stderr

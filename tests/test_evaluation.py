@@ -586,23 +586,54 @@ def test_answer_cache_survives_a_torn_write(tmp_path):
 
 
 def test_answer_cache_parts_of_several_processes(tmp_path):
-    """Each process appends to its own part file; a reader sees them all, and merging folds them into the
-    cache file (once per key) and removes them. A part cut short by a kill keeps its whole lines."""
+    """Each process appends to its own part file. The parts a killed run left are read by the next run's
+    first process (whole lines only); merging writes what the file lacks (the parts', and the answers the
+    other processes sent) once per key and removes the parts."""
     from utils.evaluation.answers import AnswerCache, ModelSpec
 
     spec, settings = ModelSpec("m", "m", "m", "fp", "plain"), {"max_new_tokens": 8}
-    main = AnswerCache(tmp_path, spec, settings)
-    main.add([("k0", "a", "A.")])
+    AnswerCache(tmp_path, spec, settings).add([("k0", "a", "A.")])
     for rank, items in [(0, [("k1", "b", "B.")]), (1, [("k2", "c", "C."), ("k0", "a", "A.")])]:
         AnswerCache(tmp_path, spec, settings, rank=rank).add(items)
-    with main.path.with_name(main.path.name + ".part1").open("a") as f:
+    other = AnswerCache(tmp_path, spec, settings, rank=1)
+    assert other.entries == {}  # not the first process: it reads nothing, the first decides what is missing
+    path = other.path
+    with path.with_name(path.name + ".part1").open("a") as f:
         f.write('{"key": "k3", "id": "d", "compl')  # killed mid-line
-    parts = sorted(p.name for p in main.path.parent.iterdir())
-    assert parts == [main.path.name, main.path.name + ".part0", main.path.name + ".part1"]
-    reader = AnswerCache(tmp_path, spec, settings)
-    assert reader.entries == {"k0": "A.", "k1": "B.", "k2": "C."}
-    reader.merge()
-    assert [p.name for p in main.path.parent.iterdir()] == [main.path.name]
-    keys = [json.loads(line)["key"] for line in main.path.read_text().splitlines()]
-    assert sorted(keys) == ["k0", "k1", "k2"]
-    assert AnswerCache(tmp_path, spec, settings).entries == reader.entries
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".part0", path.name + ".part1"]
+    first = AnswerCache(tmp_path, spec, settings, rank=0)
+    assert first.entries == {"k0": "A.", "k1": "B.", "k2": "C."}
+    first.merge([("k4", "e", "E."), ("k2", "c", "C.")])  # sent by the other processes
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(e["key"] for e in lines) == ["k0", "k1", "k2", "k4"]
+    assert {e["key"]: e["id"] for e in lines}["k4"] == "e"
+    assert AnswerCache(tmp_path, spec, settings).entries == {"k0": "A.", "k1": "B.", "k2": "C.", "k4": "E."}
+
+
+@pytest.mark.slow  # loads WordNet and hashes the sentence-embedding model
+def test_the_score_key_follows_what_a_score_depends_on(tmp_path, monkeypatch):
+    """The score cache's key changes with the answers, the items, a reward option, the lexicon file's
+    content, WordNet's presence and the code; the same inputs give the same key."""
+    import utils.core.fingerprint as fingerprint
+    import utils.rewards.overlap as overlap
+    from utils.evaluation.metrics import _scoring_key
+
+    lexicon = tmp_path / "terms.txt"
+    lexicon.write_text("qt interval\n")
+    cfg = cfg_for(tmp_path, term_lexicon=str(lexicon))
+    rows = [{"id": "1", "question": "Q?", "reference": "A QT of 440 ms.", "task": "CK"}]
+    key = _scoring_key(["A."], rows, "plain", cfg, None)
+    assert _scoring_key(["A."], rows, "plain", cfg, None) == key
+    assert _scoring_key(["B."], rows, "plain", cfg, None) != key
+    assert _scoring_key(["A."], [{**rows[0], "reference": "A QT of 450 ms."}], "plain", cfg, None) != key
+    assert _scoring_key(["A."], rows, "plain", cfg_for(tmp_path, term_lexicon=str(lexicon), number_tolerance=0.2),
+                        None) != key
+    lexicon.write_text("qt interval\npr interval\n")
+    assert _scoring_key(["A."], rows, "plain", cfg, None) != key
+    key = _scoring_key(["A."], rows, "plain", cfg, None)
+    monkeypatch.setattr(overlap, "load_wordnet", lambda: None)
+    assert _scoring_key(["A."], rows, "plain", cfg, None) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(fingerprint, "source_sha256", lambda: "other code")
+    assert _scoring_key(["A."], rows, "plain", cfg, None) != key

@@ -46,7 +46,8 @@ def pipeline(tmp, lanes="2", fail="", rm_weight=0.0, sleep=None, timeout=120, la
     env = {**os.environ, "PYTHON": str(py), "CFG_DIR": str(tmp / "configs"), "RAW_DIR": str(tmp),
            "ECG_MODELS_DIR": str(tmp / "models"), "PROCESSED_DIR": str(tmp / "processed"),
            "REPORTS_DIR": str(tmp / "reports"), "RECIPE": "fake", "LANES": lanes, "FAIL": fail,
-           "CALLS": str(tmp / "calls.log"), **{f"SLEEP_{k}": str(v) for k, v in (sleep or {}).items()},
+           "CALLS": str(tmp / "calls.log"), "CUDA_VISIBLE_DEVICES": "",  # a CPU machine, whatever runs this
+           **{f"SLEEP_{k}": str(v) for k, v in (sleep or {}).items()},
            **({"LAUNCH": f"{py} {launch}"} if launch else {})}
     r = subprocess.run(["bash", "scripts/run_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=timeout)
@@ -122,7 +123,7 @@ def test_one_lane_keeps_the_phases_in_order(tmp_path):
 
 
 def test_auto_picks_two_lanes_on_a_cpu_with_two_cores(tmp_path):
-    """The default: no GPU here (tests never have one), so two lanes wherever there are two cores."""
+    """The default with no GPU in sight: two lanes wherever there are two cores."""
     r, calls = pipeline(tmp_path, lanes="auto")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     two = len(os.sched_getaffinity(0)) >= 2  # what nproc counts

@@ -41,16 +41,21 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def code_version() -> dict:
-    """The code that runs: the git commit when the checkout has one (with ``dirty`` when tracked files
-    differ from it), and always a hash of the library and phase scripts' sources, which also covers
-    uncommitted edits and copies without git."""
+def source_sha256() -> str:
+    """A hash of the library and phase scripts' sources."""
     h = hashlib.sha256()
     files = sorted((REPO_ROOT / "utils").rglob("*.py")) + sorted(REPO_ROOT.glob("*.py"))
     for p in files:
         h.update(str(p.relative_to(REPO_ROOT)).encode())
         h.update(p.read_bytes())
-    out = {"source_sha256": h.hexdigest()}
+    return h.hexdigest()
+
+
+def code_version() -> dict:
+    """The code that runs: the git commit when the checkout has one (with ``dirty`` when tracked files
+    differ from it), and always a hash of the library and phase scripts' sources (:func:`source_sha256`),
+    which also covers uncommitted edits and copies without git."""
+    out = {"source_sha256": source_sha256()}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                                 timeout=10)
@@ -64,10 +69,10 @@ def code_version() -> dict:
     return out
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     """Versions of the packages that change what training computes (those installed)."""
     out = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

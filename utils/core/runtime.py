@@ -69,15 +69,21 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def launched_processes():
+def launched_processes(timeout_minutes: float | None = None):
     """accelerate's ``PartialState`` when the script was started as several processes (``accelerate launch``,
-    ``torchrun``: WORLD_SIZE > 1), else None. CPU processes need ``cpu=True`` to form a (gloo) group."""
+    ``torchrun``: WORLD_SIZE > 1), else None. CPU processes need ``cpu=True`` to form a (gloo) group.
+    ``timeout_minutes``: how long a process waits for the others at a collective call (torch's default:
+    10 minutes on GPUs, 30 on CPUs). Set the thread count after this call: accelerate's CPU setup resets it
+    when OMP_NUM_THREADS is unset."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    from datetime import timedelta
+
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    kwargs = {"timeout": timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+    return PartialState(cpu=not torch.cuda.is_available(), **kwargs)
 
 
 def machine_summary() -> dict:

@@ -86,8 +86,9 @@ class AnswerCache:
     interrupted run keeps what it finished; a partial last line is dropped.
 
     Process ``rank`` of several appends to its own part file (``<file>.part<rank>``: two processes appending
-    to one file could interleave their lines); the parts are read with the file and :meth:`merge` folds
-    them into it, so a run killed before merging loses nothing either."""
+    to one file could interleave their lines) and reads nothing (the first process decides what is
+    missing); the first process reads the parts a killed run left, and :meth:`merge` folds every answer
+    into the file and removes the parts. One evaluation per cache folder and model at a time."""
 
     def __init__(self, cache_dir: str | Path, spec: ModelSpec, settings: dict, rank: int | None = None):
         self.tag = _sha({"model": spec.fingerprint, "settings": settings, "format": spec.answer_format})[:12]
@@ -95,17 +96,19 @@ class AnswerCache:
         self.path = Path(cache_dir) / "answers" / f"{slug}-{self.tag}.jsonl"
         self.write_path = self.path if rank is None else self.path.with_name(f"{self.path.name}.part{rank}")
         self.entries: dict[str, str] = {}
-        self.reload()
+        self.ids: dict[str, str] = {}
+        if not rank:  # a single process, or the first of several (before any other appends)
+            for path in [self.path, *self._parts()]:
+                self._read(path)
 
     def _parts(self) -> list[Path]:
         return sorted(self.path.parent.glob(f"{self.path.name}.part*"))
 
-    def reload(self) -> None:
-        """Read the file and its parts (what other processes generated)."""
-        for path in [self.path, *self._parts()]:
-            for e in read_log(path):  # a torn last line (an interrupted run) is dropped and generated again
-                if isinstance(e.get("key"), str) and isinstance(e.get("completion"), str):
-                    self.entries[e["key"]] = e["completion"]
+    def _read(self, path: Path) -> None:
+        for e in read_log(path):  # a torn last line (an interrupted run) is dropped and generated again
+            if isinstance(e.get("key"), str) and isinstance(e.get("completion"), str):
+                self.entries[e["key"]] = e["completion"]
+                self.ids[e["key"]] = e.get("id")
 
     def key(self, row: dict, prompt: list[dict]) -> str:
         return _sha([self.tag, row["id"], prompt])[:24]
@@ -116,25 +119,24 @@ class AnswerCache:
         with self.write_path.open("a", encoding="utf-8") as f:
             for key, item_id, completion in items:
                 f.write(json.dumps({"key": key, "id": item_id, "completion": completion}, ensure_ascii=False) + "\n")
-                self.entries[key] = completion
+                self.entries[key], self.ids[key] = completion, item_id
             f.flush()
 
-    def merge(self) -> None:
-        """Fold the part files into the cache file (one process, once every part is written)."""
-        parts = self._parts()
-        if not parts:
-            return
-        self.reload()
+    def merge(self, items: list[tuple[str, str, str]]) -> None:
+        """Write every answer known (read, generated here, and ``items`` from the other processes) that the
+        cache file lacks into it, then remove the part files (the first process, once all have answered)."""
+        for key, item_id, completion in items:
+            self.entries[key], self.ids[key] = completion, item_id
         known = {e.get("key") for e in read_log(self.path)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
-            for part in parts:
-                for e in read_log(part):
-                    if e.get("key") not in known and isinstance(e.get("completion"), str):
-                        f.write(json.dumps(e, ensure_ascii=False) + "\n")
-                        known.add(e.get("key"))
+            for key, completion in self.entries.items():
+                if key not in known:
+                    f.write(json.dumps({"key": key, "id": self.ids.get(key), "completion": completion},
+                                       ensure_ascii=False) + "\n")
             f.flush()
-            os.fsync(f.fileno())
-        for part in parts:
+            os.fsync(f.fileno())  # the answers are in the file before their parts go
+        for part in self._parts():
             part.unlink()
 
 
@@ -171,7 +173,14 @@ def generate_answers(spec: ModelSpec, rows: list[dict], cfg: EvalConfig, state=N
     # first, so the progress log's rate is a safe estimate. Every N-th of that order per process gives
     # each a like mix of lengths.
     todo.sort(key=lambda i: -len(json.dumps(prompts[i])))
+    if shards:
+        from accelerate.utils import broadcast_object_list
+
+        # the first process's reading of the cache decides what is missing, so all split one list
+        todo = broadcast_object_list([todo if rank == 0 else None])[0]
+        run.cached = len(rows) - len(todo)
     todo = todo[rank::world]
+    mine: list[tuple[str, str, str]] = []
     if todo:
         log.info("%s: generating %d answers (%d cached%s) -> %s", spec.name, len(todo), run.cached,
                  f"; process {rank} of {world}" if shards else "", cache.write_path)
@@ -191,7 +200,9 @@ def generate_answers(spec: ModelSpec, rows: list[dict], cfg: EvalConfig, state=N
                                        temperature=cfg.temperature, top_p=cfg.top_p,
                                        seed=cfg.seed + c * world + rank if cfg.do_sample else None)
             run.new_tokens += generation.last_stats.new_tokens
-            cache.add([(keys[i], rows[i]["id"], o) for i, o in zip(idx, outs)])
+            done = [(keys[i], rows[i]["id"], o) for i, o in zip(idx, outs)]
+            cache.add(done)
+            mine += done
             run.generated += len(idx)
             elapsed = time.time() - started
             log.info("%s: %d/%d answers (%.2f answers/s, %.0f tokens/s)", spec.name, run.generated, len(todo),
@@ -204,13 +215,16 @@ def generate_answers(spec: ModelSpec, rows: list[dict], cfg: EvalConfig, state=N
     if shards:
         from accelerate.utils import gather_object
 
-        # every process's share is in its part file once all are here; each timed its share side by side
-        # with the others, so the run took the longest of those times
-        shares = gather_object([(run.generated, run.seconds, run.new_tokens)])
-        run.generated = sum(g for g, _, _ in shares)
-        run.new_tokens = sum(t for _, _, t in shares)
-        run.seconds = max(sec for _, sec, _ in shares)
-        if not state.is_main_process:
+        # the answers travel to the first process (no shared folder needed); each process timed its share
+        # side by side with the others, so the run took the longest of those times
+        shares = gather_object([(run.generated, run.seconds, run.new_tokens, mine)])
+        run.generated = sum(g for g, _, _, _ in shares)
+        run.new_tokens = sum(t for _, _, t, _ in shares)
+        run.seconds = max(sec for _, sec, _, _ in shares)
+        if rank != 0:
             return [], run  # the first process scores and reports
-        cache.merge()
+        cache.merge([item for *_, items in shares for item in items])
+        if run.generated:
+            log.info("%s: %d answers from %d processes (%s)", spec.name, run.generated, world,
+                     " + ".join(str(g) for g, *_ in shares))
     return [cache.entries[k] for k in keys], run

@@ -118,22 +118,27 @@ def reward_model_status(cfg: EvalConfig) -> tuple[str | None, str | None]:
 def _scoring_key(completions: list[str], rows: list[dict], answer_format: str, cfg: EvalConfig,
                  reward_model: str | None) -> str:
     """A hash of everything a score depends on: the answers and items themselves, the mix and its options,
-    the reward model's and the lexicon's files, whether WordNet is there (METEOR), and the code."""
-    from utils.core.fingerprint import code_version, file_sha256
+    the files of the reward model, the sentence-embedding model and the lexicon, whether WordNet is there
+    (METEOR), the scoring packages' versions, and the code."""
+    from utils.core.fingerprint import PACKAGES, file_sha256, package_versions, source_sha256
+    from utils.models.resolve import model_identity
+    from utils.rewards.lexicon import _resolve_path
     from utils.rewards.overlap import load_wordnet
+    from utils.rewards.rules import resolve_semantic_model
 
     rm = None
     if reward_model:
-        from utils.evaluation.answers import model_fingerprint
         from utils.models.resolve import resolve_model
 
-        rm = model_fingerprint(resolve_model(reward_model, cfg.base_model))
-    lexicon = Path(cfg.term_lexicon) if cfg.term_lexicon else None
-    key = {"completions": completions, "rows": rows, "format": answer_format,
-           "weights": reward_weights(cfg, reward_model is not None), "options": cfg.reward_options(),
-           "base_model": cfg.base_model, "reward_model": rm,
+        rm = model_identity(resolve_model(reward_model, cfg.base_model))
+    lexicon = _resolve_path(cfg.term_lexicon) if cfg.term_lexicon else None
+    weights = reward_weights(cfg, reward_model is not None)
+    key = {"completions": completions, "rows": rows, "format": answer_format, "weights": weights,
+           "options": cfg.reward_options(), "base_model": cfg.base_model, "reward_model": rm,
+           "semantic": model_identity(resolve_semantic_model(cfg.semantic_model)) if "semantic" in weights else None,
            "lexicon": file_sha256(lexicon) if lexicon and lexicon.is_file() else cfg.term_lexicon,
-           "wordnet": load_wordnet() is not None, "code": code_version()["source_sha256"]}
+           "wordnet": load_wordnet() is not None, "code": source_sha256(),
+           "packages": package_versions(PACKAGES + ("nltk", "rouge-score", "sentence-transformers"))}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -42,9 +42,11 @@ def run_evaluation(cfg: EvalConfig) -> tuple[EvalResult | None, Path]:
     from utils.evaluation.report import report_dir, write_report
 
     started = time.time()
+    # Several processes (accelerate launch, torchrun) share the generation; the first scores and reports.
+    # A process that finishes its share waits for the slowest at the gather, which a long answer list on
+    # a slow machine can keep busy well past torch's default 10-30 minutes.
+    state = launched_processes(timeout_minutes=24 * 60)
     set_threads(cfg.num_threads)
-    # several processes (accelerate launch, torchrun) share the generation; the first scores and reports
-    state = launched_processes()
     if state is not None and not state.is_main_process:
         logging.getLogger("utils").setLevel(logging.ERROR)  # one process tells the story
     # Everything that can be wrong with the input is checked before the first answer is generated.
