@@ -450,7 +450,7 @@ def test_training_history_sources(tmp_path):
     (run_dir / "checkpoint-4").mkdir(parents=True)
     folder.mkdir()
     (folder / "train_config.yaml").write_text(f"run_dir: {run_dir}\nanswer_format: plain\n")
-    (run_dir / "checkpoint-4" / "trainer_state.json").write_text(json.dumps({"log_history": [
+    (run_dir / "checkpoint-4" / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": [
         {"step": 2, "loss": 1.0, "reward": 0.2, "kl": 0.0}, {"step": 4, "loss": 0.8, "reward": 0.4, "kl": 0.1}]}))
     # nothing in the model folder: the run folder's newest checkpoint
     source, hist = training_history(folder)
