@@ -80,6 +80,11 @@ def prompt_for(row: dict, fmt: str) -> list[dict]:
     return with_format_instructions(row["prompt"], fmt)
 
 
+def file_slug(name: str) -> str:
+    """A model's display name as a cache file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
 class AnswerCache:
     """One JSONL file per (model files, generation settings); one line per item: ``{key, id, completion}``
     with ``key`` = hash(file hash, item id, prompt). Lines are appended after every batch, so an
@@ -92,8 +97,7 @@ class AnswerCache:
 
     def __init__(self, cache_dir: str | Path, spec: ModelSpec, settings: dict, rank: int | None = None):
         self.tag = _sha({"model": spec.fingerprint, "settings": settings, "format": spec.answer_format})[:12]
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.name)
-        self.path = Path(cache_dir) / "answers" / f"{slug}-{self.tag}.jsonl"
+        self.path = Path(cache_dir) / "answers" / f"{file_slug(spec.name)}-{self.tag}.jsonl"
         self.write_path = self.path if rank is None else self.path.with_name(f"{self.path.name}.part{rank}")
         self.entries: dict[str, str] = {}
         self.ids: dict[str, str] = {}
@@ -156,10 +160,11 @@ def generate_answers(spec: ModelSpec, rows: list[dict], cfg: EvalConfig, state=N
     """The model's answer to every row, from the cache where there is one; the rest generated in chunks
     (each appended to the cache as soon as it is done). The model is loaded only when something is missing.
 
-    ``state`` (accelerate's ``PartialState``) with several processes: each generates every N-th missing
-    answer on its own device, then all wait for each other and read the others' answers from the cache:
-    N GPUs, or N single-thread processes on a CPU (decoding is bound by memory bandwidth there, so two
-    one-thread processes answer nearly twice as fast as one two-thread process), share the work."""
+    ``state`` (accelerate's ``PartialState``) with several processes: the first decides what is missing,
+    each generates every N-th of it on its own device, and the answers are gathered on the first, which
+    alone returns them: N GPUs, or N single-thread processes on a CPU (decoding is bound by memory
+    bandwidth there, so two one-thread processes answer nearly twice as fast as one two-thread process),
+    share the work."""
     from utils.models import generation
 
     shards = state is not None and state.num_processes > 1

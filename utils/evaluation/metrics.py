@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,7 +148,9 @@ def cached_scores(name: str, completions: list[str], rows: list[dict], answer_fo
     adding a model to a comparison) reads its scores instead of computing them again. The key
     (:func:`_scoring_key`) changes with anything that could change a score, the code included."""
     key = _scoring_key(completions, rows, answer_format, cfg, reward_model)
-    path = Path(cfg.cache_dir) / "scores" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{key}.json"
+    from utils.evaluation.answers import file_slug
+
+    path = Path(cfg.cache_dir) / "scores" / f"{file_slug(name)}-{key}.json"
     try:
         scores = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(scores, list) and len(scores) == len(rows):
