@@ -77,6 +77,12 @@ def run_evaluation(cfg: EvalConfig) -> tuple[EvalResult | None, Path]:
     for spec in specs:
         answers[spec.name], runs[spec.name] = generate_answers(spec, rows, cfg, state)
     if state is not None:
+        # no collective call follows: leave the group now, or a process exiting while gloo's threads still
+        # run can abort ("terminate called without an active exception", seen once in CI)
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
         if not state.is_main_process:
             return None, out
         # the other processes are done: their CPU threads are free for the scoring
