@@ -18,6 +18,7 @@ from utils.rewards.rules import (
     compressibility,
     echo_share,
     format_reward,
+    length_match_reward,
     length_reward,
     numbers_reward,
     repetition,
@@ -321,6 +322,13 @@ def test_length(answer, expected, reason):
     assert length_reward([answer], reference=[REF_LEN]) == [pytest.approx(expected)], reason
 
 
+@pytest.mark.parametrize("n_words, expected", [(12, 1.0), (6, 0.5), (24, 0.5), (36, 1 / 3), (0, 0.0)])
+def test_length_match_pulls_both_ways(n_words, expected):
+    answer = " ".join(["word"] * n_words)
+    assert length_match_reward([answer], reference=[REF_LEN]) == [pytest.approx(expected)]
+    assert length_match_reward([answer], reference=[""]) == [None]
+
+
 ECHO_Q = "How does the presence of obesity influence cardiovascular risk and management?"
 ECHO_REF = ("Obesity increases cardiovascular risk through hypertension, dyslipidemia and insulin resistance; "
             "management includes weight loss and lifestyle changes.")
@@ -387,7 +395,7 @@ def test_semantic_orders_paraphrase_above_unrelated():
 # ============================================================================= registry, mix, total
 def test_registry_has_the_contract_names():
     assert {"format", "yesno", "terms", "numbers", "rouge", "bleu1", "meteor", "semantic", "length",
-            "reward_model"} <= set(REWARDS)
+            "length_match", "reward_model"} <= set(REWARDS)
 
 
 def test_build_reward_funcs_names_weights_and_binding():

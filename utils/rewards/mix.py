@@ -18,6 +18,7 @@ from utils.rewards.rules import (
     SEMANTIC_HUB_ID,
     Reward,
     format_reward,
+    length_match_reward,
     length_reward,
     numbers_reward,
     rouge_reward,
@@ -37,6 +38,7 @@ REWARDS: dict[str, Reward] = {
     "meteor": meteor_reward,
     "semantic": semantic_reward,
     "length": length_reward,
+    "length_match": length_match_reward,
     "reward_model": reward_model_reward,
 }
 

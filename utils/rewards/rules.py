@@ -517,6 +517,28 @@ def length_score(answer: str, reference: str | None, max_words: int = DEFAULT_MA
     return _finite(f_long * f_short * f_trunc * f_rep * f_echo)
 
 
+def length_match_reward(completions, reference=None, answer_format: str = "plain", **kwargs) -> list[float | None]:
+    """How close the answer's length in words is to the reference's: shorter / longer of the two. Range
+    [0, 1], 1 at the reference's length; None without a reference.
+
+    Why: BLEU-1's brevity penalty and METEOR's recall pay for growing towards the reference's length, and
+    ROUGE-L F1 only weakly punishes growing past it, so under those three the policy overshoots mid-run
+    (SFT's 23 words -> 50, references ~32) and comes back, and the held-out reward dips with it. The
+    ``length`` reward is silent there (its budget is 2 x reference + 20 words); this one pulls both ways.
+
+    >>> length_match_reward(["QT is long.", "The QT interval is long here.", "A b c d e f g h i j k l."],
+    ...                     reference=["The QT interval is prolonged."] * 3)
+    [0.6, 0.833..., 0.416...]
+    """
+    answers = _answers(completions, answer_format)
+    refs = _column({"reference": reference}, "reference", len(answers))
+    out: list[float | None] = []
+    for a, r in zip(answers, refs):
+        n, m = len(a.split()), len(_str(r).split())
+        out.append(None if m == 0 else min(n, m) / max(n, m, 1))
+    return out
+
+
 def length_reward(completions, reference=None, question=None, answer_format: str = "plain",
                   length_max_words: int = DEFAULT_MAX_WORDS, **kwargs) -> list[float | None]:
     """Penalises overlong, too short, truncated and looping answers, and answers that mostly say the
