@@ -26,8 +26,9 @@ from utils.evaluation.stats import paired_comparison
 
 BENCHMARK = ("rouge", "bleu1", "meteor")  # the ECG-Expert-QA paper's metrics
 COLUMNS = {"rouge": "ROUGE-L", "bleu1": "BLEU-1", "meteor": "METEOR", "total": "reward mix"}
-# Held-out gain over step noise a run must reach: below 3x, a gain is within what re-evaluating an unchanged
-# policy on the same prompts moves by.
+# Held-out gain over step noise a run must reach (issue 21). The step noise is the spread of the changes
+# between consecutive held-out evaluations: the policy's own wandering plus the error of measuring it on a
+# finite prompt set. Below 3x, the gain is within what the curve moves by from one evaluation to the next.
 NOISE_FACTOR = 3.0
 
 
