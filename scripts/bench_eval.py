@@ -67,7 +67,8 @@ def bench(args) -> int:
     t0 = time.time()
     model, tok = load_for_inference(spec.path, cfg.base_model, dtype=cfg.dtype)
     print(f"load: {time.time() - t0:.1f} s")
-    bound = machine_bound(next(model.parameters()).dtype, next(model.parameters()).device.type)
+    weight = next(model.parameters())
+    bound = machine_bound(weight.dtype, weight.device.type)
     print(f"measured: {bound['bandwidth_gb_s']} GB/s copy, {bound['matmul_gflop_s']} GFLOP/s matmul")
     answers, best = None, 0.0
     print(f"{'batch':>5}  {'answers':>7}  {'seconds':>7}  {'answers/s':>9}  {'tokens/s':>8}  {'tokens/answer':>13}  "

@@ -172,8 +172,9 @@ def worker(args) -> dict:
         cfg = grpo_config(args, side, tmp)
         trainer = build_side(side, cfg, args.plain)
         model = trainer.model
-        dtype = next(p for p in model.parameters()).dtype
-        bound = machine_bound(dtype, next(model.parameters()).device.type)
+        weight = next(model.parameters())
+        dtype = weight.dtype
+        bound = machine_bound(dtype, weight.device.type)
         meter = Meter(trainer, args.warmup)
         trainer.train()
         hist = [h for h in trainer.state.log_history if "reward" in h and h.get("step", 0) > args.warmup]

