@@ -22,6 +22,7 @@ from utils.rewards.negatives import (
     build_pairs,
     contradict,
     flip_yesno,
+    ranked_pair,
     truncate,
 )
 from utils.rewards.reward_model import encode
@@ -109,7 +110,8 @@ def test_pairs_do_not_leak_across_splits(processed):
     cfg = load_config(RewardModelConfig, None, {"data_dir": str(processed)})
     train, test = read_split(cfg.data_dir, "grpo/train"), read_split(cfg.data_dir, "eval/test")
     test_refs = {r["reference"] for r in test}
-    pairs = build_pairs(test, list(NEGATIVE_TYPES[:-1]), seed=0, term_lexicon=cfg.term_lexicon)
+    pairs = build_pairs(test, [t for t in NEGATIVE_TYPES if t not in ("sampled", "ranked")], seed=0,
+                        term_lexicon=cfg.term_lexicon)
     assert pairs and {p["type"] for p in pairs} >= {"truncate", "numbers"}
     for p in pairs:
         assert p["chosen"] in test_refs and p["chosen"] != p["rejected"]
@@ -118,6 +120,55 @@ def test_pairs_do_not_leak_across_splits(processed):
     train_pairs = build_pairs(train, ["similar"], seed=0)
     train_refs = {r["reference"] for r in train}
     assert train_pairs and all(p["rejected"] in train_refs for p in train_pairs)
+
+
+REF = "The QT interval is prolonged, which raises the risk of torsades de pointes."
+
+
+@pytest.mark.parametrize("samples, expected, reason", [
+    (["The QT interval is prolonged, raising the risk of torsades.", "The PR interval is short in this tracing.",
+      "The QT interval is prolonged here."],
+     ("The QT interval is prolonged, raising the risk of torsades.", "The PR interval is short in this tracing."),
+     "the widest gap among length-matched samples, better first"),
+    (["The PR interval is short in this tracing.", "The QT interval is prolonged, raising the risk of torsades."],
+     ("The QT interval is prolonged, raising the risk of torsades.", "The PR interval is short in this tracing."),
+     "the order of the samples does not matter"),
+    (["The QT interval is prolonged, raising the risk of torsades de pointes.", "No."], None,
+     "a pair apart in length by more than 1.5x teaches length, not content"),
+    (["The QT interval is prolonged, which raises the risk of torsades.",
+      "The QT interval is prolonged, which raises the risk of arrhythmia."], None,
+     "under the minimum gap: wording, not a better answer"),
+    (["The PR interval is short in this tracing."] * 3, None, "one distinct sample"),
+    ([], None, "no samples"),
+])
+def test_ranked_pair(samples, expected, reason):
+    assert ranked_pair(samples, REF) == expected, reason
+
+
+def test_build_pairs_from_samples():
+    rows = [{"id": "a", "task": "EBK", "question": "What does a long QT mean?", "reference": REF,
+             "prompt": [{"role": "user", "content": "What does a long QT mean?"}]}]
+    near, far = REF.replace("which raises", "raising"), "The PR interval is short in this tracing."
+    sampled = {"a": [near, far, "The QT interval is prolonged, raising the risk of torsades."]}
+    pairs = {p["type"]: p for p in build_pairs(rows, ["sampled", "ranked"], seed=0, sampled=sampled)}
+    assert pairs["sampled"]["chosen"] == REF and pairs["sampled"]["rejected"] == far, "the near-copy is skipped"
+    assert pairs["ranked"]["chosen"] != REF and pairs["ranked"]["rejected"] == far, "two samples, not the reference"
+    assert build_pairs(rows, ["sampled", "ranked"], seed=0, sampled={"a": [near]}) == []
+
+
+@pytest.mark.slow
+def test_sample_answers_draws_several_per_item(tiny_llama, processed):
+    from utils.training.reward_model import sample_answers
+
+    cfg = load_config(RewardModelConfig, None, {"data_dir": str(processed), "base_model": str(tiny_llama),
+                                                "sample_model": str(tiny_llama), "sample_count": 3,
+                                                "sample_max_new_tokens": 6, "negatives": ["ranked"]})
+    rows = read_split(processed, "grpo/train")
+    out = sample_answers(cfg, rows, 5, seed=0)
+    assert 0 < len(out) <= 5 and set(out) <= {r["id"] for r in rows}
+    assert all(1 <= len(v) <= 3 and all(isinstance(a, str) and a for a in v) for v in out.values())
+    assert any(len(v) == 3 for v in out.values())
+    assert sample_answers(cfg, rows, 5, seed=0) == out, "seeded"
 
 
 def test_encode_fits_max_length(tiny_llama):
@@ -164,6 +215,9 @@ def run_script(command, *args) -> int:
 @pytest.mark.parametrize("args, message", [
     (["--max-prompt-tokens", "300", "--max-length", "256"], "max_prompt_tokens 300 leaves no room"),
     (["--negatives", "similar,sampled"], "sample_model is empty"),
+    (["--negatives", "ranked"], "sample_model is empty"),
+    (["--negatives", "ranked", "--sample-model", "sft"], "sample_count is 1; expected >= 2"),
+    (["--sample-count", "0"], "sample_count"),
     (["--negatives", "similr"], "expected one of similar"),
     (["--rewards", "{format: 1, reward_model: 1}", "--reward-model", ""], "reward_model is not set"),
     (["--rewards", "{format: 1, semantik: 1}"], "key 'rewards'"),
@@ -324,6 +378,7 @@ def test_train_score_and_audit_a_tiny_reward_model(tiny_llama, processed, tmp_pa
             "--max-length", "96", "--max-prompt-tokens", "32", "--max-eval-pairs", "8", "--eval-steps", "3",
             "--save-steps", "3", "--report-to", "", "--num-threads", "0",
             "--negatives", ",".join(NEGATIVE_TYPES), "--sample-model", str(tiny_llama), "--sample-items", "6",
+            "--sample-count", "2",
             "--sample-max-new-tokens", "8")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out pairwise accuracy" in r.stdout

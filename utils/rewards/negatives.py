@@ -1,5 +1,6 @@
 """Hard negatives for reward-model pairs: answers that look like the reference but are wrong (a flipped
-verdict, altered numbers, a swapped direction, a truncation, a similar question's answer, a sample).
+verdict, altered numbers, a swapped direction, a truncation, a similar question's answer, a sample),
+and pairs of two samples of the same question ranked by the benchmark's metrics.
 """
 
 from __future__ import annotations
@@ -12,9 +13,26 @@ from utils.core.config import UserError
 from utils.data.text import extract_numbers, followup_interval, jaccard, words
 from utils.rewards.facts import FLIP_KINDS, flip_fact
 from utils.rewards.lexicon import DEFAULT_LEXICON, load_lexicon
+from utils.rewards.overlap import benchmark_score, load_wordnet
 from utils.rewards.reward_model import user_text
+from utils.rewards.rules import rouge_l
 
-NEGATIVE_TYPES = ("similar", "flip_yesno", "numbers", "truncate", "contradiction", "sampled")
+NEGATIVE_TYPES = ("similar", "flip_yesno", "numbers", "truncate", "contradiction", "sampled", "ranked")
+
+
+# A sample this close to its reference (ROUGE-L) is not a worse answer, so it is no "sampled" negative.
+SAMPLED_MAX_ROUGE = 0.6
+
+
+# A "ranked" pair's two samples differ by at least this much in benchmark score (the mean of ROUGE-L,
+# BLEU-1 and METEOR; one sample's scores against a reference spread ~0.05 under paraphrase, so a smaller gap
+# is mostly wording, not a better answer) ...
+RANKED_MIN_GAP = 0.1
+
+
+# ... and in length by at most this ratio (words): the capped reward model in GRPO rose while the answers
+# lengthened (docs/EXPERIMENTS.md), so a pair must not be separable by length alone.
+RANKED_MAX_LENGTH_RATIO = 1.5
 
 
 # Below this many words an answer has no room to be cut short and still look like an answer.
@@ -137,6 +155,33 @@ def truncate(reference: str, rng: random.Random) -> str | None:
     return " ".join(ws[:cut]).rstrip(".,;:!?)\"'”’")
 
 
+def first_far_sample(samples: list[str], reference: str) -> str | None:
+    """The first sample that is not a near-copy of the reference (ROUGE-L < SAMPLED_MAX_ROUGE), or None."""
+    return next((a for a in samples if a.strip() and rouge_l(a, reference) < SAMPLED_MAX_ROUGE), None)
+
+
+def ranked_pair(samples: list[str], reference: str, wordnet=None) -> tuple[str, str] | None:
+    """(better, worse): of the pairs of distinct samples whose lengths are within RANKED_MAX_LENGTH_RATIO,
+    the one with the widest gap in :func:`~utils.rewards.overlap.benchmark_score`, if it reaches
+    RANKED_MIN_GAP; else None. Unlike a sample against the reference, both answers come from the same
+    model, so the reward model can only tell them apart by what the benchmark measures, not by form.
+
+    >>> ranked_pair(["The QT interval is prolonged.", "The PR interval is short.", "QT is prolonged here."],
+    ...             "The QT interval is prolonged.")
+    ('The QT interval is prolonged.', 'The PR interval is short.')
+    """
+    scored = [(benchmark_score(a, reference, wordnet), a, len(a.split()))
+              for a in dict.fromkeys(x.strip() for x in samples) if a]
+    best = None
+    for i, (si, ai, ni) in enumerate(scored):
+        for sj, aj, nj in scored[i + 1:]:
+            if max(ni, nj) > RANKED_MAX_LENGTH_RATIO * min(ni, nj) or abs(si - sj) < RANKED_MIN_GAP:
+                continue
+            if best is None or abs(si - sj) > best[0]:
+                best = (abs(si - sj), (ai, aj) if si > sj else (aj, ai))
+    return best[1] if best else None
+
+
 def similar_answers(rows: list[dict], term_lexicon: str = DEFAULT_LEXICON) -> list[str | None]:
     """For each row, the reference of the most similar *different* question of the same rows (TF-IDF
     cosine of the questions), or None.
@@ -183,18 +228,26 @@ def similar_answers(rows: list[dict], term_lexicon: str = DEFAULT_LEXICON) -> li
     return out
 
 
-def build_pairs(rows: list[dict], types: list[str], seed: int, sampled: dict[str, str] | None = None,
+def build_pairs(rows: list[dict], types: list[str], seed: int, sampled: dict[str, list[str]] | None = None,
                 term_lexicon: str = DEFAULT_LEXICON) -> list[dict]:
     """Preference pairs from one split's rows: for each row and negative type that applies to it,
-    ``{"id", "task", "type", "user", "chosen", "rejected"}``. ``sampled`` maps row ids to model answers."""
+    ``{"id", "task", "type", "user", "chosen", "rejected"}``; the chosen answer is the reference except in
+    "ranked" pairs (the better of two samples). ``sampled`` maps row ids to a model's sampled answers."""
     rng = random.Random(seed)
     similar = similar_answers(rows, term_lexicon) if "similar" in types else [None] * len(rows)
+    wordnet = load_wordnet() if "ranked" in types else None
     pairs = []
     for row, sim in zip(rows, similar):
         ref = (row.get("reference") or "").strip()
         if not ref:
             continue
         for t in types:
+            if t == "ranked":
+                pair = ranked_pair((sampled or {}).get(row.get("id"), []), ref, wordnet)
+                if pair:
+                    pairs.append({"id": row.get("id"), "task": row.get("task"), "type": t, "user": user_text(row),
+                                  "chosen": pair[0], "rejected": pair[1]})
+                continue
             if t == "similar":
                 neg = sim
             elif t == "flip_yesno":
@@ -206,7 +259,7 @@ def build_pairs(rows: list[dict], types: list[str], seed: int, sampled: dict[str
             elif t == "contradiction":
                 neg = contradict(ref, rng)
             elif t == "sampled":
-                neg = (sampled or {}).get(row.get("id"))
+                neg = first_far_sample((sampled or {}).get(row.get("id"), []), ref)
             else:
                 raise UserError(f"negatives: unknown type {t!r}; expected one of {', '.join(NEGATIVE_TYPES)}")
             if neg and neg.strip() and neg.strip() != ref:

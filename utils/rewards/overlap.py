@@ -12,7 +12,7 @@ import logging
 import warnings
 
 from utils.data.text import words
-from utils.rewards.rules import _answers, _column, _finite, _str
+from utils.rewards.rules import _answers, _column, _finite, _str, rouge_l
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,19 @@ def meteor(answer: str, reference: str, wordnet) -> float:
         return 0.0
     head = hyp[:MAX_WORDS]
     return _finite(meteor_score([ref], head, wordnet=wordnet) * len(head) / len(hyp))
+
+
+def benchmark_score(answer: str, reference: str, wordnet) -> float:
+    """The mean of the benchmark's three word-overlap metrics (ROUGE-L, BLEU-1, METEOR) against the
+    reference; METEOR is left out of the mean when ``wordnet`` is None.
+
+    >>> round(benchmark_score("the cat sat", "the cat sat", None), 3)
+    1.0
+    """
+    scores = [rouge_l(answer, reference), bleu1(answer, reference)]
+    if wordnet is not None:
+        scores.append(meteor(answer, reference, wordnet))
+    return sum(scores) / len(scores)
 
 
 # ============================================================================= as rewards

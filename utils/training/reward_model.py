@@ -72,6 +72,9 @@ class RewardModelConfig(TrainConfig, RewardMix):
     sample_items: int = fld(200, "Train items to sample answers for (test items: in proportion, at least 50).",
                             check=(non_negative, "an integer >= 0"))
     sample_max_new_tokens: int = fld(128, "Tokens per sampled answer.", check=(positive, "an integer > 0"))
+    sample_count: int = fld(1, "Answers sampled per item: 'sampled' takes the first that is not a near-copy of "
+                            "the reference; 'ranked' pairs two of them (needs >= 2).",
+                            check=(positive, "an integer > 0"))
     input: str = fld("", "score: JSONL file to score (question, reference, completion; optional task, label).")
     output: str = fld("", "score: where the scored JSONL goes (default: next to the input, *.scored.jsonl); "
                       "audit: JSON file for the table (optional).")
@@ -94,8 +97,12 @@ class RewardModelConfig(TrainConfig, RewardMix):
         if self.keep_layers and self.lora_layers > self.keep_layers:
             raise ValueError(f"lora_layers {self.lora_layers} > keep_layers {self.keep_layers}; expected at most "
                              "the kept layers")
-        if "sampled" in self.negatives and not self.sample_model:
-            raise ValueError("negatives has 'sampled' but sample_model is empty; set sample_model (e.g. sft)")
+        for kind in ("sampled", "ranked"):
+            if kind in self.negatives and not self.sample_model:
+                raise ValueError(f"negatives has '{kind}' but sample_model is empty; set sample_model (e.g. sft)")
+        if "ranked" in self.negatives and self.sample_count < 2:
+            raise ValueError(f"negatives has 'ranked' but sample_count is {self.sample_count}; expected >= 2 "
+                             "(a ranked pair is two samples of one question)")
 
 
 # Items per seeded sampling chunk, the unit of work a process takes: fixed (not a batch-size knob), so that
@@ -104,9 +111,9 @@ class RewardModelConfig(TrainConfig, RewardMix):
 SAMPLE_CHUNK = 16
 
 
-def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int) -> dict[str, str]:
-    """Answers sampled from ``cfg.sample_model`` for a seeded subset of ``n`` rows, keyed by row id.
-    Answers too close to their reference (ROUGE-L >= 0.6) are dropped: they are not worse."""
+def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int) -> dict[str, list[str]]:
+    """``cfg.sample_count`` answers sampled from ``cfg.sample_model`` for each of a seeded subset of ``n``
+    rows, keyed by row id (empty answers dropped)."""
     if n <= 0 or not rows:
         return {}
     from accelerate import PartialState
@@ -115,7 +122,6 @@ def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int) 
     from utils.data.formats import parse
     from utils.models.generation import generate
     from utils.models.loading import load_for_inference
-    from utils.rewards.rules import rouge_l
 
     pick = random.Random(seed).sample(rows, min(n, len(rows)))
     # The items go in fixed chunks, each sampled with its own seed, and each process samples every W-th chunk;
@@ -126,24 +132,24 @@ def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int) 
     state = PartialState(cpu=not has_cuda())  # as start_run: CPU ranks need cpu=True to form a process group
     chunks = [list(range(i, min(i + SAMPLE_CHUNK, len(pick)))) for i in range(0, len(pick), SAMPLE_CHUNK)]
     model, tok = load_for_inference(cfg.sample_model, cfg.base_model, device=str(state.device))
+    k = cfg.sample_count
     mine = []
     for c in range(state.process_index, len(chunks), state.num_processes):
         texts = generate(model, tok, [pick[i]["prompt"] for i in chunks[c]], max_new_tokens=cfg.sample_max_new_tokens,
-                         batch_size=SAMPLE_CHUNK, do_sample=True, temperature=1.0, top_p=0.95, seed=seed + c)
-        mine += list(zip(chunks[c], texts))
+                         batch_size=max(1, SAMPLE_CHUNK // k), do_sample=True, temperature=1.0, top_p=0.95,
+                         num_return_sequences=k, seed=seed + c)
+        mine += [(i, t if k > 1 else [t]) for i, t in zip(chunks[c], texts)]
         if state.is_main_process:
             log.info("sampled chunk %d of %d", c + 1, len(chunks))
     del model
     gathered = dict(gather_object(mine) if state.num_processes > 1 else mine)
-    texts = [gathered[i] for i in range(len(pick))]
     out = {}
-    for r, t in zip(pick, texts):
-        a = parse(t, cfg.answer_format).answer
-        if a and rouge_l(a, r["reference"]) < 0.6:
-            out[r["id"]] = a
-    log.info("sampled %d usable negative answers from %s", len(out), cfg.sample_model)
+    for i, r in enumerate(pick):
+        answers = [a for t in gathered[i] if (a := parse(t, cfg.answer_format).answer)]
+        if answers:
+            out[r["id"]] = answers
+    log.info("sampled %d answers for %d items from %s", sum(map(len, out.values())), len(out), cfg.sample_model)
     return out
-
 
 
 def _lora_targets(cfg: RewardModelConfig):
@@ -189,7 +195,8 @@ def model_card(cfg: RewardModelConfig, metrics: dict) -> str:
     lines = [f"# ECG-GRPO reward model ({cfg.base_model})", "",
              f"A Bradley-Terry reward model: `{cfg.base_model}` with a one-logit sequence-classification head, "
              "trained with TRL's RewardTrainer (LoRA) on ECG-Expert-QA preference pairs. The chosen answer is "
-             "always the reference; the rejected one is a hard negative built from it (see "
+             "the reference and the rejected one a hard negative built from it, or, in 'ranked' pairs, the better "
+             "and the worse (by ROUGE-L, BLEU-1 and METEOR) of two answers sampled from one model (see "
              "utils/rewards/negatives.py). Made by `reward_model.py`.", "",
              "## Use", "",
              "As the `reward_model` reward of a mix (utils/rewards/mix.py): it gives "
@@ -246,8 +253,8 @@ def dry_run_plan(cfg: RewardModelConfig) -> dict:
     n = count_rows(Path(cfg.data_dir) / "grpo" / "train.jsonl")
     if n:  # about one pair per negative type and item, capped
         n = min(n * len(cfg.negatives), cfg.max_train_pairs or n * len(cfg.negatives))
-    extra = {"sampled_negatives": f"{cfg.sample_items} items from {cfg.sample_model}, shared across processes"
-             if "sampled" in cfg.negatives else "none"}
+    extra = {"sampled_negatives": f"{cfg.sample_count} answers to each of {cfg.sample_items} items from "
+             f"{cfg.sample_model}, shared across processes" if {"sampled", "ranked"} & set(cfg.negatives) else "none"}
     return plan(cfg, "reward_model.py train", cfg.base_model, 2 * cfg.max_length, n, "pairs", extra)
 
 
@@ -265,10 +272,10 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     test_rows = subsample(test_rows, cfg.max_test_items, cfg.seed)
     # The run folder is checked (and a resumable checkpoint found) before the sampling, which takes minutes.
     run = start_run(cfg, data_hashes(cfg.data_dir, ["grpo/train", "grpo/validation", "eval/test"]), cfg.base_model,
-                    other_models={"sample_model": cfg.sample_model if "sampled" in cfg.negatives else None})
+                    other_models={"sample_model": cfg.sample_model if {"sampled", "ranked"} & set(cfg.negatives) else None})
     ckpt = run.checkpoint
     sampled_train = sampled_test = None
-    if "sampled" in cfg.negatives:
+    if {"sampled", "ranked"} & set(cfg.negatives):
         sampled_train = sample_answers(cfg, train_rows, cfg.sample_items, cfg.seed)
         # in proportion to the train share, but at least 50 items: fewer pairs make a noisy accuracy
         n_test = max(min(50, len(test_rows)), round(cfg.sample_items * len(test_rows) / max(1, len(train_rows))))
