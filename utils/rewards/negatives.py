@@ -17,7 +17,7 @@ from utils.rewards.overlap import benchmark_score, load_wordnet
 from utils.rewards.reward_model import user_text
 from utils.rewards.rules import rouge_l
 
-NEGATIVE_TYPES = ("similar", "flip_yesno", "numbers", "truncate", "contradiction", "sampled", "ranked")
+NEGATIVE_TYPES = ("similar", "flip_yesno", "numbers", "truncate", "padded", "contradiction", "sampled", "ranked")
 
 
 # A sample this close to its reference (ROUGE-L) is not a worse answer, so it is no "sampled" negative.
@@ -155,6 +155,25 @@ def truncate(reference: str, rng: random.Random) -> str | None:
     return " ".join(ws[:cut]).rstrip(".,;:!?)\"'”’")
 
 
+_SENTENCE = re.compile(r"\S.*?[.!?](?=\s|$)", re.DOTALL)
+
+
+def pad(reference: str, other: str | None) -> str | None:
+    """The reference with the first sentence of ``other`` (another question's answer) appended: longer and
+    partly off the question. Truncated negatives teach that the longer answer wins; these teach that it does
+    not by length alone. None without ``other``.
+
+    >>> pad("The QT is long.", "Beta blockers slow the heart. They also lower blood pressure.")
+    'The QT is long. Beta blockers slow the heart.'
+    """
+    if not other:
+        return None
+    m = _SENTENCE.match(other.strip())
+    extra = (m.group(0) if m else other.strip()).strip()
+    sep = "" if reference.rstrip().endswith((".", "!", "?")) else "."
+    return f"{reference.rstrip()}{sep} {extra}"
+
+
 def first_far_sample(samples: list[str], reference: str) -> str | None:
     """The first sample that is not a near-copy of the reference (ROUGE-L < SAMPLED_MAX_ROUGE), or None."""
     return next((a for a in samples if a.strip() and rouge_l(a, reference) < SAMPLED_MAX_ROUGE), None)
@@ -234,7 +253,7 @@ def build_pairs(rows: list[dict], types: list[str], seed: int, sampled: dict[str
     ``{"id", "task", "type", "user", "chosen", "rejected"}``; the chosen answer is the reference except in
     "ranked" pairs (the better of two samples). ``sampled`` maps row ids to a model's sampled answers."""
     rng = random.Random(seed)
-    similar = similar_answers(rows, term_lexicon) if "similar" in types else [None] * len(rows)
+    similar = similar_answers(rows, term_lexicon) if {"similar", "padded"} & set(types) else [None] * len(rows)
     wordnet = load_wordnet() if "ranked" in types else None
     pairs = []
     for row, sim in zip(rows, similar):
@@ -256,6 +275,8 @@ def build_pairs(rows: list[dict], types: list[str], seed: int, sampled: dict[str
                 neg = alter_numbers(ref, rng)
             elif t == "truncate":
                 neg = truncate(ref, rng)
+            elif t == "padded":
+                neg = pad(ref, sim)
             elif t == "contradiction":
                 neg = contradict(ref, rng)
             elif t == "sampled":

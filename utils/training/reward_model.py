@@ -111,11 +111,37 @@ class RewardModelConfig(TrainConfig, RewardMix):
 SAMPLE_CHUNK = 16
 
 
-def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int) -> dict[str, list[str]]:
+# The sampled answers kept in the run folder (not one of its run items: a fresh run leaves them in place).
+SAMPLE_CACHE = "sampled-answers-"
+
+
+def _sample_key(cfg: RewardModelConfig, pick: list[dict], seed: int) -> dict:
+    """Everything the sampled answers depend on: the sampling model's files, the prompts, the settings and
+    the package versions (not the pair settings: a run that changes only those reuses the samples)."""
+    import hashlib
+    import json
+
+    from utils.core.fingerprint import package_versions
+    from utils.models.resolve import model_identity, resolve_model
+
+    prompts = json.dumps([[r["id"], r["prompt"]] for r in pick], sort_keys=True)
+    return {"sample_model": model_identity(resolve_model(cfg.sample_model, cfg.base_model)),
+            "prompts": hashlib.sha256(prompts.encode()).hexdigest(), "seed": seed, "count": cfg.sample_count,
+            "max_new_tokens": cfg.sample_max_new_tokens, "answer_format": cfg.answer_format,
+            "packages": package_versions()}
+
+
+def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int,
+                   cache_dir: str | Path | None = None) -> dict[str, list[str]]:
     """``cfg.sample_count`` answers sampled from ``cfg.sample_model`` for each of a seeded subset of ``n``
-    rows, keyed by row id (empty answers dropped)."""
+    rows, keyed by row id (empty answers dropped). With ``cache_dir`` (the run folder) they are kept there in
+    ``sampled-answers-<key>.json`` and read back by any later run that would sample the very same answers:
+    a killed or re-run reward phase does not pay the sampling (minutes on a CPU) again."""
     if n <= 0 or not rows:
         return {}
+    import hashlib
+    import json
+
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
@@ -124,6 +150,18 @@ def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int) 
     from utils.models.loading import load_for_inference
 
     pick = random.Random(seed).sample(rows, min(n, len(rows)))
+    cache = None
+    if cache_dir is not None:
+        key = _sample_key(cfg, pick, seed)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        cache = Path(cache_dir) / f"{SAMPLE_CACHE}{digest}.json"
+        try:
+            saved = json.loads(cache.read_text())
+            if saved.get("key") == key:
+                log.info("sampled answers read from %s (made by an earlier run with the same settings)", cache)
+                return saved["answers"]
+        except (OSError, ValueError, AttributeError):
+            pass  # none yet, or unreadable (a run killed while writing it): sample again
     # The items go in fixed chunks, each sampled with its own seed, and each process samples every W-th chunk;
     # the chunks are then gathered: W times faster on W GPUs, every process ends up with the same negatives,
     # and they are the same whatever W is (a 1-GPU and an 8-GPU run train on the same pairs).
@@ -149,6 +187,10 @@ def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int) 
         if answers:
             out[r["id"]] = answers
     log.info("sampled %d answers for %d items from %s", sum(map(len, out.values())), len(out), cfg.sample_model)
+    if cache is not None and state.is_main_process:
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "answers": out}))
+        tmp.replace(cache)  # whole or absent: a kill while writing leaves no half file under the name
     return out
 
 
@@ -276,10 +318,10 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     ckpt = run.checkpoint
     sampled_train = sampled_test = None
     if {"sampled", "ranked"} & set(cfg.negatives):
-        sampled_train = sample_answers(cfg, train_rows, cfg.sample_items, cfg.seed)
+        sampled_train = sample_answers(cfg, train_rows, cfg.sample_items, cfg.seed, cfg.run_dir)
         # in proportion to the train share, but at least 50 items: fewer pairs make a noisy accuracy
         n_test = max(min(50, len(test_rows)), round(cfg.sample_items * len(test_rows) / max(1, len(train_rows))))
-        sampled_test = sample_answers(cfg, test_rows, n_test, cfg.seed + 1)
+        sampled_test = sample_answers(cfg, test_rows, n_test, cfg.seed + 1, cfg.run_dir)
     train_pairs = balanced_subsample(build_pairs(train_rows, cfg.negatives, cfg.seed, sampled_train, cfg.term_lexicon),
                                      cfg.max_train_pairs, cfg.seed, cfg.negative_weights)
     eval_pairs = subsample(build_pairs(val_rows, cfg.negatives, cfg.seed + 1, None, cfg.term_lexicon),
