@@ -22,6 +22,7 @@ from utils.rewards.negatives import (
     build_pairs,
     contradict,
     flip_yesno,
+    pad,
     ranked_pair,
     truncate,
 )
@@ -112,11 +113,14 @@ def test_pairs_do_not_leak_across_splits(processed):
     test_refs = {r["reference"] for r in test}
     pairs = build_pairs(test, [t for t in NEGATIVE_TYPES if t not in ("sampled", "ranked")], seed=0,
                         term_lexicon=cfg.term_lexicon)
-    assert pairs and {p["type"] for p in pairs} >= {"truncate", "numbers"}
+    assert pairs and {p["type"] for p in pairs} >= {"truncate", "numbers", "padded"}
     for p in pairs:
         assert p["chosen"] in test_refs and p["chosen"] != p["rejected"]
         if p["type"] == "similar":  # another test item's answer, never a train one
             assert p["rejected"] in test_refs
+        if p["type"] == "padded":  # the reference, then a sentence of another test item's answer
+            assert p["rejected"].startswith(p["chosen"].rstrip(".")) and len(p["rejected"]) > len(p["chosen"])
+            assert any(p["rejected"][len(p["chosen"]):].strip()[:20] in r for r in test_refs)
     train_pairs = build_pairs(train, ["similar"], seed=0)
     train_refs = {r["reference"] for r in train}
     assert train_pairs and all(p["rejected"] in train_refs for p in train_pairs)
@@ -156,19 +160,42 @@ def test_build_pairs_from_samples():
     assert build_pairs(rows, ["sampled", "ranked"], seed=0, sampled={"a": [near]}) == []
 
 
+def test_pad():
+    assert pad("The QT is long", "Beta blockers slow the heart. More.") == "The QT is long. Beta blockers slow the heart."
+    assert pad("The QT is long.", "no final stop") == "The QT is long. no final stop"
+    assert pad("The QT is long.", None) is None
+
+
 @pytest.mark.slow
-def test_sample_answers_draws_several_per_item(tiny_llama, processed):
-    from utils.training.reward_model import sample_answers
+def test_sample_answers_draws_several_per_item_and_keeps_them(tiny_llama, processed, tmp_path, monkeypatch):
+    import utils.models.generation as generation
+    from utils.training.reward_model import SAMPLE_CACHE, sample_answers
 
     cfg = load_config(RewardModelConfig, None, {"data_dir": str(processed), "base_model": str(tiny_llama),
                                                 "sample_model": str(tiny_llama), "sample_count": 3,
                                                 "sample_max_new_tokens": 6, "negatives": ["ranked"]})
     rows = read_split(processed, "grpo/train")
-    out = sample_answers(cfg, rows, 5, seed=0)
+    out = sample_answers(cfg, rows, 5, seed=0, cache_dir=tmp_path)
     assert 0 < len(out) <= 5 and set(out) <= {r["id"] for r in rows}
     assert all(1 <= len(v) <= 3 and all(isinstance(a, str) and a for a in v) for v in out.values())
     assert any(len(v) == 3 for v in out.values())
     assert sample_answers(cfg, rows, 5, seed=0) == out, "seeded"
+    [kept] = tmp_path.glob(f"{SAMPLE_CACHE}*.json")
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("sampled again")
+
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", no_generation)
+    assert sample_answers(cfg, rows, 5, seed=0, cache_dir=tmp_path) == out, "read back, not sampled"
+    monkeypatch.setattr(generation, "generate", real)
+    cfg.sample_count = 2  # other settings: other answers, sampled and kept beside the first
+    assert all(len(v) <= 2 for v in sample_answers(cfg, rows, 5, seed=0, cache_dir=tmp_path).values())
+    assert len(list(tmp_path.glob(f"{SAMPLE_CACHE}*.json"))) == 2
+    cfg.sample_count = 3
+    kept.write_text('{"key": ')  # a file cut short by a kill: sampled again, whole
+    assert sample_answers(cfg, rows, 5, seed=0, cache_dir=tmp_path) == out
+    assert json.loads(kept.read_text())["answers"] == out
 
 
 def test_encode_fits_max_length(tiny_llama):
