@@ -111,6 +111,11 @@ class RewardModelConfig(TrainConfig, RewardMix):
 SAMPLE_CHUNK = 16
 
 
+# The sampling model's own distribution (temperature 1), without its unlikeliest tail: the fluent mistakes a
+# policy makes, not the gibberish of the last 5% of probability mass.
+SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 1.0, 0.95
+
+
 # The sampled answers kept in the run folder (not one of its run items: a fresh run leaves them in place).
 SAMPLE_CACHE = "sampled-answers-"
 
@@ -128,6 +133,7 @@ def _sample_key(cfg: RewardModelConfig, pick: list[dict], seed: int) -> dict:
     return {"sample_model": model_identity(resolve_model(cfg.sample_model, cfg.base_model)),
             "prompts": hashlib.sha256(prompts.encode()).hexdigest(), "seed": seed, "count": cfg.sample_count,
             "max_new_tokens": cfg.sample_max_new_tokens, "answer_format": cfg.answer_format,
+            "chunk": SAMPLE_CHUNK, "temperature": SAMPLE_TEMPERATURE, "top_p": SAMPLE_TOP_P,
             "packages": package_versions()}
 
 
@@ -174,7 +180,8 @@ def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int,
     mine = []
     for c in range(state.process_index, len(chunks), state.num_processes):
         texts = generate(model, tok, [pick[i]["prompt"] for i in chunks[c]], max_new_tokens=cfg.sample_max_new_tokens,
-                         batch_size=max(1, SAMPLE_CHUNK // k), do_sample=True, temperature=1.0, top_p=0.95,
+                         batch_size=max(1, SAMPLE_CHUNK // k), do_sample=True, temperature=SAMPLE_TEMPERATURE,
+                         top_p=SAMPLE_TOP_P,
                          num_return_sequences=k, seed=seed + c)
         mine += [(i, t if k > 1 else [t]) for i, t in zip(chunks[c], texts)]
         if state.is_main_process:
