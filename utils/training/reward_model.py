@@ -181,8 +181,7 @@ def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int,
     for c in range(state.process_index, len(chunks), state.num_processes):
         texts = generate(model, tok, [pick[i]["prompt"] for i in chunks[c]], max_new_tokens=cfg.sample_max_new_tokens,
                          batch_size=max(1, SAMPLE_CHUNK // k), do_sample=True, temperature=SAMPLE_TEMPERATURE,
-                         top_p=SAMPLE_TOP_P,
-                         num_return_sequences=k, seed=seed + c)
+                         top_p=SAMPLE_TOP_P, num_return_sequences=k, seed=seed + c)
         mine += [(i, t if k > 1 else [t]) for i, t in zip(chunks[c], texts)]
         if state.is_main_process:
             log.info("sampled chunk %d of %d", c + 1, len(chunks))
