@@ -25,8 +25,8 @@ SAMPLED_MAX_ROUGE = 0.6
 
 
 # A "ranked" pair's two samples differ by at least this much in benchmark score (the mean of ROUGE-L,
-# BLEU-1 and METEOR; one sample's scores against a reference spread ~0.05 under paraphrase, so a smaller gap
-# is mostly wording, not a better answer) ...
+# BLEU-1 and METEOR, in [0, 1]): the metrics count shared words, so a smaller gap is often a rewording, not
+# a better answer. With 4 samples of the CPU recipe's SFT model, 56% of the questions yield a pair ...
 RANKED_MIN_GAP = 0.1
 
 
