@@ -23,7 +23,7 @@ from utils.rewards.negatives import (
     contradict,
     flip_yesno,
     pad,
-    ranked_pair,
+    ranked_pairs,
     truncate,
 )
 from utils.rewards.reward_model import encode
@@ -129,24 +129,31 @@ def test_pairs_do_not_leak_across_splits(processed):
 REF = "The QT interval is prolonged, which raises the risk of torsades de pointes."
 
 
+GOOD, BAD = "The QT interval is prolonged, raising the risk of torsades.", "The PR interval is short in this tracing."
+
+
 @pytest.mark.parametrize("samples, expected, reason", [
-    (["The QT interval is prolonged, raising the risk of torsades.", "The PR interval is short in this tracing.",
-      "The QT interval is prolonged here."],
-     ("The QT interval is prolonged, raising the risk of torsades.", "The PR interval is short in this tracing."),
+    ([GOOD, BAD, "The QT interval is prolonged here."], [(GOOD, BAD)],
      "the widest gap among length-matched samples, better first"),
-    (["The PR interval is short in this tracing.", "The QT interval is prolonged, raising the risk of torsades."],
-     ("The QT interval is prolonged, raising the risk of torsades.", "The PR interval is short in this tracing."),
-     "the order of the samples does not matter"),
-    (["The QT interval is prolonged, raising the risk of torsades de pointes.", "No."], None,
+    ([BAD, GOOD], [(GOOD, BAD)], "the order of the samples does not matter"),
+    (["The QT interval is prolonged, raising the risk of torsades de pointes.", "No."], [],
      "a pair apart in length by more than 1.5x teaches length, not content"),
     (["The QT interval is prolonged, which raises the risk of torsades.",
-      "The QT interval is prolonged, which raises the risk of arrhythmia."], None,
+      "The QT interval is prolonged, which raises the risk of arrhythmia."], [],
      "under the minimum gap: wording, not a better answer"),
-    (["The PR interval is short in this tracing."] * 3, None, "one distinct sample"),
-    ([], None, "no samples"),
+    ([BAD] * 3, [], "one distinct sample"),
+    ([], [], "no samples"),
 ])
-def test_ranked_pair(samples, expected, reason):
-    assert ranked_pair(samples, REF) == expected, reason
+def test_ranked_pairs(samples, expected, reason):
+    assert ranked_pairs(samples, REF) == expected, reason
+
+
+def test_ranked_pairs_per_item_widest_gaps_first():
+    samples = [GOOD, BAD, "The QT interval is prolonged in this tracing."]
+    two = ranked_pairs(samples, REF, k=2)
+    assert two[0] == (GOOD, BAD) and len(two) == 2 and len(set(two)) == 2
+    assert ranked_pairs(samples, REF, k=1) == two[:1]
+    assert len(ranked_pairs(samples, REF, k=10)) <= 3  # three samples make at most three pairs
 
 
 def test_build_pairs_from_samples():
@@ -158,6 +165,8 @@ def test_build_pairs_from_samples():
     assert pairs["sampled"]["chosen"] == REF and pairs["sampled"]["rejected"] == far, "the near-copy is skipped"
     assert pairs["ranked"]["chosen"] != REF and pairs["ranked"]["rejected"] == far, "two samples, not the reference"
     assert build_pairs(rows, ["sampled", "ranked"], seed=0, sampled={"a": [near]}) == []
+    more = build_pairs(rows, ["ranked"], seed=0, sampled=sampled, ranked_per_item=3)
+    assert len(more) > 1 and more[0] == pairs["ranked"] and all(p["chosen"] != REF for p in more)
 
 
 def test_pad():

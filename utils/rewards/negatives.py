@@ -179,26 +179,24 @@ def first_far_sample(samples: list[str], reference: str) -> str | None:
     return next((a for a in samples if a.strip() and rouge_l(a, reference) < SAMPLED_MAX_ROUGE), None)
 
 
-def ranked_pair(samples: list[str], reference: str, wordnet=None) -> tuple[str, str] | None:
-    """(better, worse): of the pairs of distinct samples whose lengths are within RANKED_MAX_LENGTH_RATIO,
-    the one with the widest gap in :func:`~utils.rewards.overlap.benchmark_score`, if it reaches
-    RANKED_MIN_GAP; else None. Unlike a sample against the reference, both answers come from the same
-    model, so the reward model can only tell them apart by what the benchmark measures, not by form.
+def ranked_pairs(samples: list[str], reference: str, wordnet=None, k: int = 1) -> list[tuple[str, str]]:
+    """Up to ``k`` pairs (better, worse) of distinct samples whose lengths are within RANKED_MAX_LENGTH_RATIO
+    and whose :func:`~utils.rewards.overlap.benchmark_score` differ by at least RANKED_MIN_GAP, the widest
+    gaps first. Unlike a sample against the reference, both answers come from the same model, so the reward
+    model can only tell them apart by what the benchmark measures, not by form.
 
-    >>> ranked_pair(["The QT interval is prolonged.", "The PR interval is short.", "QT is prolonged here."],
-    ...             "The QT interval is prolonged.")
-    ('The QT interval is prolonged.', 'The PR interval is short.')
+    >>> ranked_pairs(["The QT interval is prolonged.", "The PR interval is short.", "QT is prolonged here."],
+    ...              "The QT interval is prolonged.")
+    [('The QT interval is prolonged.', 'The PR interval is short.')]
     """
     scored = [(benchmark_score(a, reference, wordnet), a, len(a.split()))
               for a in dict.fromkeys(x.strip() for x in samples) if a]
-    best = None
+    found = []
     for i, (si, ai, ni) in enumerate(scored):
         for sj, aj, nj in scored[i + 1:]:
-            if max(ni, nj) > RANKED_MAX_LENGTH_RATIO * min(ni, nj) or abs(si - sj) < RANKED_MIN_GAP:
-                continue
-            if best is None or abs(si - sj) > best[0]:
-                best = (abs(si - sj), (ai, aj) if si > sj else (aj, ai))
-    return best[1] if best else None
+            if max(ni, nj) <= RANKED_MAX_LENGTH_RATIO * min(ni, nj) and abs(si - sj) >= RANKED_MIN_GAP:
+                found.append((-abs(si - sj), (ai, aj) if si > sj else (aj, ai)))
+    return [pair for _, pair in sorted(found, key=lambda x: x[0])[:k]]
 
 
 def similar_answers(rows: list[dict], term_lexicon: str = DEFAULT_LEXICON) -> list[str | None]:
@@ -248,10 +246,11 @@ def similar_answers(rows: list[dict], term_lexicon: str = DEFAULT_LEXICON) -> li
 
 
 def build_pairs(rows: list[dict], types: list[str], seed: int, sampled: dict[str, list[str]] | None = None,
-                term_lexicon: str = DEFAULT_LEXICON) -> list[dict]:
+                term_lexicon: str = DEFAULT_LEXICON, ranked_per_item: int = 1) -> list[dict]:
     """Preference pairs from one split's rows: for each row and negative type that applies to it,
     ``{"id", "task", "type", "user", "chosen", "rejected"}``; the chosen answer is the reference except in
-    "ranked" pairs (the better of two samples). ``sampled`` maps row ids to a model's sampled answers."""
+    "ranked" pairs (the better of two samples, up to ``ranked_per_item`` of them). ``sampled`` maps row ids
+    to a model's sampled answers."""
     rng = random.Random(seed)
     similar = similar_answers(rows, term_lexicon) if {"similar", "padded"} & set(types) else [None] * len(rows)
     wordnet = load_wordnet() if "ranked" in types else None
@@ -262,10 +261,10 @@ def build_pairs(rows: list[dict], types: list[str], seed: int, sampled: dict[str
             continue
         for t in types:
             if t == "ranked":
-                pair = ranked_pair((sampled or {}).get(row.get("id"), []), ref, wordnet)
-                if pair:
+                for better, worse in ranked_pairs((sampled or {}).get(row.get("id"), []), ref, wordnet,
+                                                  ranked_per_item):
                     pairs.append({"id": row.get("id"), "task": row.get("task"), "type": t, "user": user_text(row),
-                                  "chosen": pair[0], "rejected": pair[1]})
+                                  "chosen": better, "rejected": worse})
                 continue
             if t == "similar":
                 neg = sim

@@ -75,6 +75,9 @@ class RewardModelConfig(TrainConfig, RewardMix):
     sample_count: int = fld(1, "Answers sampled per item: 'sampled' takes the first that is not a near-copy of "
                             "the reference; 'ranked' pairs two of them (needs >= 2).",
                             check=(positive, "an integer > 0"))
+    ranked_per_item: int = fld(1, "'ranked': pairs per item at most, the widest score gaps first (more pairs from "
+                               "the same samples, but pairs of one item share answers).",
+                               check=(positive, "an integer > 0"))
     input: str = fld("", "score: JSONL file to score (question, reference, completion; optional task, label).")
     output: str = fld("", "score: where the scored JSONL goes (default: next to the input, *.scored.jsonl); "
                       "audit: JSON file for the table (optional).")
@@ -328,11 +331,13 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
         # in proportion to the train share, but at least 50 items: fewer pairs make a noisy accuracy
         n_test = max(min(50, len(test_rows)), round(cfg.sample_items * len(test_rows) / max(1, len(train_rows))))
         sampled_test = sample_answers(cfg, test_rows, n_test, cfg.seed + 1, cfg.run_dir)
-    train_pairs = balanced_subsample(build_pairs(train_rows, cfg.negatives, cfg.seed, sampled_train, cfg.term_lexicon),
+    train_pairs = balanced_subsample(build_pairs(train_rows, cfg.negatives, cfg.seed, sampled_train, cfg.term_lexicon,
+                                                 cfg.ranked_per_item),
                                      cfg.max_train_pairs, cfg.seed, cfg.negative_weights)
     eval_pairs = subsample(build_pairs(val_rows, cfg.negatives, cfg.seed + 1, None, cfg.term_lexicon),
                            cfg.max_eval_pairs, cfg.seed) if cfg.max_eval_pairs else []
-    test_pairs = build_pairs(test_rows, cfg.negatives, cfg.seed + 2, sampled_test, cfg.term_lexicon)
+    test_pairs = build_pairs(test_rows, cfg.negatives, cfg.seed + 2, sampled_test, cfg.term_lexicon,
+                             cfg.ranked_per_item)
     if not train_pairs:
         raise DataError(f"{cfg.data_dir}: no preference pairs could be built (negatives: {', '.join(cfg.negatives)})")
     types = dict(Counter(p["type"] for p in train_pairs))
