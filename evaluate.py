@@ -20,6 +20,8 @@ interruption, generates only what is missing. Writes reports/<run>/ (run: the mo
 --run-name): report.md, report.html (self-contained), plots/, metrics.json, answers.jsonl.
 """
 
+import logging
+import os
 import sys
 
 from utils.core.cli import run
@@ -31,7 +33,13 @@ from utils.evaluation.run import headline, run_evaluation
 def main(config: EvalConfig):
     result, out = run_evaluation(config)
     if result is None:  # not the first of several processes: it shared the generation, the first reports
-        return
+        # Its answers are handed over and it has left the process group; exit without the interpreter's
+        # teardown, where a thread of the group's still joinable aborted the process twice in CI
+        # ("terminate called without an active exception") and failed the launch.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     print(headline(result))
     print(f"report: {out / 'report.md'}  {out / 'report.html'}")
 
