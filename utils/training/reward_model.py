@@ -19,12 +19,16 @@ from utils.rewards.mix import RewardMix
 from utils.rewards.negatives import NEGATIVE_TYPES, balanced_subsample, build_pairs, subsample
 from utils.rewards.reward_model import RewardScorer, encode
 from utils.training.config import TrainConfig
-from utils.training.run import output_dir
+from utils.training.run import output_dir, write_json
 
 log = logging.getLogger(__name__)
 
 
 SUBCOMMANDS = ("train", "score", "audit", "terms")
+
+
+# Negative types built from a model's sampled answers (they need sample_model).
+SAMPLED_TYPES = ("sampled", "ranked")
 
 
 @dataclass
@@ -100,12 +104,18 @@ class RewardModelConfig(TrainConfig, RewardMix):
         if self.keep_layers and self.lora_layers > self.keep_layers:
             raise ValueError(f"lora_layers {self.lora_layers} > keep_layers {self.keep_layers}; expected at most "
                              "the kept layers")
-        for kind in ("sampled", "ranked"):
+        for kind in SAMPLED_TYPES:
             if kind in self.negatives and not self.sample_model:
                 raise ValueError(f"negatives has '{kind}' but sample_model is empty; set sample_model (e.g. sft)")
         if "ranked" in self.negatives and self.sample_count < 2:
             raise ValueError(f"negatives has 'ranked' but sample_count is {self.sample_count}; expected >= 2 "
                              "(a ranked pair is two samples of one question)")
+
+    @property
+    def needs_samples(self) -> bool:
+        """Whether a negative type of the config is built from sample_model's answers."""
+        return any(t in SAMPLED_TYPES for t in self.negatives)
+
 
 
 # Items per seeded sampling chunk, the unit of work a process takes: fixed (not a batch-size knob), so that
@@ -197,9 +207,7 @@ def sample_answers(cfg: RewardModelConfig, rows: list[dict], n: int, seed: int,
             out[r["id"]] = answers
     log.info("sampled %d answers for %d items from %s", sum(map(len, out.values())), len(out), cfg.sample_model)
     if cache is not None and state.is_main_process:
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "answers": out}))
-        tmp.replace(cache)  # whole or absent: a kill while writing leaves no half file under the name
+        write_json(cache, {"key": key, "answers": out})
     return out
 
 
@@ -305,7 +313,7 @@ def dry_run_plan(cfg: RewardModelConfig) -> dict:
     if n:  # about one pair per negative type and item, capped
         n = min(n * len(cfg.negatives), cfg.max_train_pairs or n * len(cfg.negatives))
     extra = {"sampled_negatives": f"{cfg.sample_count} answers to each of {cfg.sample_items} items from "
-             f"{cfg.sample_model}, shared across processes" if {"sampled", "ranked"} & set(cfg.negatives) else "none"}
+             f"{cfg.sample_model}, shared across processes" if cfg.needs_samples else "none"}
     return plan(cfg, "reward_model.py train", cfg.base_model, 2 * cfg.max_length, n, "pairs", extra)
 
 
@@ -323,10 +331,10 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     test_rows = subsample(test_rows, cfg.max_test_items, cfg.seed)
     # The run folder is checked (and a resumable checkpoint found) before the sampling, which takes minutes.
     run = start_run(cfg, data_hashes(cfg.data_dir, ["grpo/train", "grpo/validation", "eval/test"]), cfg.base_model,
-                    other_models={"sample_model": cfg.sample_model if {"sampled", "ranked"} & set(cfg.negatives) else None})
+                    other_models={"sample_model": cfg.sample_model if cfg.needs_samples else None})
     ckpt = run.checkpoint
     sampled_train = sampled_test = None
-    if {"sampled", "ranked"} & set(cfg.negatives):
+    if cfg.needs_samples:
         sampled_train = sample_answers(cfg, train_rows, cfg.sample_items, cfg.seed, cfg.run_dir)
         # in proportion to the train share, but at least 50 items: fewer pairs make a noisy accuracy
         n_test = max(min(50, len(test_rows)), round(cfg.sample_items * len(test_rows) / max(1, len(train_rows))))

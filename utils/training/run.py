@@ -216,13 +216,14 @@ def mark_finished(run_dir: str | Path, output: Path | None) -> None:
     run_dir = Path(run_dir)
     record = _read_record(run_dir) or {}
     record.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), output_dir=str(output) if output else None)
-    _write_json(run_dir / RUN_RECORD, record)
+    write_json(run_dir / RUN_RECORD, record)
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
+    """``obj`` as JSON at ``path``, atomically: a kill leaves the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)  # atomic: a kill leaves the old record or the new one, never half of one
+    tmp.replace(path)
 
 
 # What a run writes into its run folder: only these are ever moved aside (anything else there is left alone).
@@ -326,7 +327,7 @@ def resume_checkpoint(cfg: TrainConfig, write: bool = True, fingerprint: dict | 
         # is the run's, so that a kill and `resume: auto` continue it
         record = {"fingerprint": fp, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None,
                   "resumed_from": chosen}
-    _write_json(run_dir / RUN_RECORD, record)
+    write_json(run_dir / RUN_RECORD, record)
     dump_yaml(cfg, run_dir / RUN_CONFIG)
     return chosen
 
