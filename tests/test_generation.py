@@ -167,3 +167,51 @@ def test_decoder_leaves_unsupported_settings_to_generate():
     assert unsupported(GenerationConfig(do_sample=True, temperature=0.5, top_p=0.9, top_k=0, min_p=None)) == []
     assert unsupported(GenerationConfig(repetition_penalty=1.2, num_beams=2)) == ["num_beams=2",
                                                                                   "repetition_penalty=1.2"]
+
+
+def test_packed_linears_match_the_plain_matmul_and_are_undone():
+    """Big fp32 layers multiply with oneDNN-packed weights inside the block (small ones stay plain), to rounding
+    of the plain result; afterwards every layer is its class's own again."""
+    import torch
+
+    from utils.models.decode import packed_linears
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 300), torch.nn.Linear(300, 64))
+    x = torch.randn(2, 16, 256)
+    with torch.no_grad():
+        plain = net(x)
+        with packed_linears(net, rows=16):
+            patched = [i for i, m in enumerate(net) if "forward" in vars(m)]
+            packed = net(x)
+        after = net(x)
+    assert patched == ([0, 1] if torch.backends.mkldnn.is_available() else [])
+    assert not any("forward" in vars(m) for m in net)
+    assert torch.equal(after, plain)
+    assert torch.allclose(packed, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_with_packed_layers_matches_generate(tmp_path):
+    """A Llama wide enough (256) for its layers and output layer to be packed: greedy tokens still equal
+    model.generate's, and the packed path really ran."""
+    import torch
+
+    import utils.models.decode as dec
+    from utils.models.tiny import build_tiny_llama
+
+    model, tok = load_for_inference(str(build_tiny_llama(tmp_path / "wide", hidden_size=256)), dtype="float32")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if "norm" not in name:
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.5)
+    calls = []
+    real = dec._packed_forward
+    dec._packed_forward = lambda *a: calls.append(1) or real(*a)
+    try:
+        ids = _encode(tok, MORE)
+        out, _ = dec.decode(model, ids, max_new_tokens=8, stop_ids=[-1], pad_id=tok.pad_token_id, max_rows=3)
+    finally:
+        dec._packed_forward = real
+    assert out == _reference(model, ids, 8, [-1], tok.pad_token_id)
+    assert calls or not torch.backends.mkldnn.is_available()

@@ -9,7 +9,10 @@ the machine's bound (scripts/bench_eval.py). Here
 * a row leaves the batch at its stop token, and prompts still waiting join it (continuous batching):
   they are prefilled together (each distinct prompt once, so GRPO's groups share one prefill) and their
   caches placed right-aligned beside the running rows', so that every row writes the same column;
-* greedy, temperature, top-k and top-p sampling are done on the logits directly.
+* greedy, temperature, top-k and top-p sampling are done on the logits directly (one uniform draw per
+  row against the cumulative probabilities);
+* fp32 linear layers run on weights that oneDNN has packed once per call for the decode batch
+  (:func:`packed_linears`): at 16 rows ~1.7x faster than the plain matmul, the 49k-token output layer 3x.
 
 It runs the model's own forward (any Llama-like model whose cache layers are plain full-attention
 layers); :func:`supported` says when it can, and callers fall back to ``model.generate`` otherwise
@@ -22,6 +25,8 @@ fast path)::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -157,7 +162,53 @@ def pick_tokens(logits, do_sample: bool, temperature: float = 1.0, top_k: int | 
         drop = probs.cumsum(-1) - probs > top_p  # the mass before a token already reaches top_p
         drop[:, 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    # Inverse-CDF: one uniform per row against the running sum. torch.multinomial draws an exponential for
+    # every vocabulary entry (20 ms at 16 rows x 49k tokens here, a tenth of a decode step); this takes 1 ms.
+    # Summed in float64 so that the ~49k additions lose nothing a float32 probability can express.
+    cdf = logits.softmax(-1).double().cumsum(-1)
+    u = torch.rand((cdf.shape[0], 1), generator=generator, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+# oneDNN's packed layout pays off only for layers big enough; measured at 16 rows (AMD EPYC, 2 threads), a
+# 576 -> 192 projection ran slower packed (49 vs 34 us) while 576 -> 576 and larger ran 1.4-3x faster.
+_PACK_MIN_FEATURES = 256
+
+
+@contextlib.contextmanager
+def packed_linears(model, rows: int):
+    """Within the block, every fp32 ``nn.Linear`` of ``model`` whose in and out features are both at least
+    ``_PACK_MIN_FEATURES`` multiplies with a copy of its weight that oneDNN has reordered for ``rows`` rows
+    (``torch.ops.mkldnn._linear_pointwise``, what torch.compile's CPU freezing uses). Logits differ from the
+    plain matmul's by rounding only (~1e-5); the copies cost the weights' size in memory while the block
+    runs, and ~0.2 s to make for a 135M model. Without oneDNN (or for other dtypes) the model runs as it is.
+    Inference only: the packed weight is a snapshot, not a parameter."""
+    import torch
+
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")):
+        yield
+        return
+    patched = []
+    try:
+        for mod in model.modules():
+            if (type(mod) is torch.nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.device.type == "cpu"
+                    and min(mod.in_features, mod.out_features) >= _PACK_MIN_FEATURES):
+                w = mkldnn._reorder_linear_weight(mod.weight.detach(), rows)
+                b = None if mod.bias is None else mod.bias.detach()
+                mod.forward = functools.partial(_packed_forward, w, b, mod.out_features)
+                patched.append(mod)
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward  # the class's forward again
+
+
+def _packed_forward(weight, bias, out_features: int, x):
+    import torch
+
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
@@ -365,9 +416,9 @@ def decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop
     def pick(logits):
         return pick_tokens(logits, do_sample, temperature, top_k, top_p, generator)
 
-    engine = _Engine(model, [list(p) for p in prompts], max_new_tokens, stop_ids, pad_id, max_rows, pick)
-    engine.progress = progress
-    with torch.inference_mode():
+    with torch.inference_mode(), packed_linears(model, min(max_rows, len(prompts))):
+        engine = _Engine(model, [list(p) for p in prompts], max_new_tokens, stop_ids, pad_id, max_rows, pick)
+        engine.progress = progress
         out = engine.run()
     engine.stats.seconds = time.time() - started
     return out, engine.stats
