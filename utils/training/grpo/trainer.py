@@ -173,28 +173,31 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
                    use_cache=False).logits.float() / temperature
     logps = torch.zeros((n, c), dtype=torch.float32, device=device)
     entropies = torch.zeros((n, c), dtype=torch.float32, device=device) if compute_entropy else None
-    rows_lp, rows_ent, index_r, index_t = [], [], [], []
+    # Each completion token's logits row: column start + j - 1 predicts token j, for j = 0 that is the prompt's
+    # last column (logits row 0). All tokens are read with one index and one logsumexp over the whole block:
+    # slicing the logits per completion instead made every slice's backward fill a zero tensor the size of
+    # all the logits (49k x the packed length, ~80 MB), 2.5 s of a 16 s CPU step.
+    index_g, index_row, index_r, index_t = [], [], [], []
     for g, r, start, m in slots:
         if m == 0:
             continue
-        # column start + j - 1 predicts token j; for j = 0 that is the prompt's last column (logits row 0)
-        lg = torch.cat([logits[g, :1], logits[g, start - p + 1: start - p + m]], dim=0)  # m x vocab
-        lse = torch.logsumexp(lg, dim=-1)
-        rows_lp.append(lg.gather(-1, comp_ids[r, :m, None]).squeeze(-1) - lse)
-        if compute_entropy:
-            with torch.no_grad():
-                rows_ent.append(lse - (torch.softmax(lg, dim=-1) * lg).sum(-1))
+        index_g += [g] * m
+        index_row += [0, *range(start - p + 1, start - p + m)]
         index_r += [r] * m
         index_t += list(range(m))
-    if not rows_lp:
+    if not index_r:
         # every completion masked out (skip_tied_groups on a batch of tied groups): a zero loss that still
         # reaches the weights, so that backward runs (and every DDP process takes part in the reduction)
-        logps = logps + 0.0 * logits.sum()
-    else:
-        idx = (torch.tensor(index_r, device=device), torch.tensor(index_t, device=device))
-        logps = logps.index_put(idx, torch.cat(rows_lp))
-        if compute_entropy:
-            entropies = entropies.index_put(idx, torch.cat(rows_ent))
+        return logps + 0.0 * logits.sum(), entropies
+    gi, ri = torch.tensor(index_g, device=device), torch.tensor(index_row, device=device)
+    ri_out, ti_out = torch.tensor(index_r, device=device), torch.tensor(index_t, device=device)
+    lse = torch.logsumexp(logits, dim=-1)  # groups x kept columns
+    lp = logits[gi, ri, comp_ids[ri_out, ti_out]] - lse[gi, ri]
+    logps = logps.index_put((ri_out, ti_out), lp)
+    if compute_entropy:
+        with torch.no_grad():
+            ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        entropies = entropies.index_put((ri_out, ti_out), ent[gi, ri])
     return logps, entropies
 
 
