@@ -169,8 +169,10 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
         mask4d = mask4d.masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
     # Hidden states from the last prompt column on: that column predicts each completion's first token.
     keep = torch.arange(p - 1, length, device=device)
+    # In place: the output layer's backward needs its input and weight, not its output, and a second tensor the
+    # size of all the logits (~80 MB here) costs more in fresh pages than the division itself.
     logits = model(input_ids=packed, attention_mask=mask4d, position_ids=positions, logits_to_keep=keep,
-                   use_cache=False).logits.float() / temperature
+                   use_cache=False).logits.float().div_(temperature)
     logps = torch.zeros((n, c), dtype=torch.float32, device=device)
     entropies = torch.zeros((n, c), dtype=torch.float32, device=device) if compute_entropy else None
     # Each completion token's logits row: column start + j - 1 predicts token j, for j = 0 that is the prompt's
@@ -196,7 +198,7 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
     logps = logps.index_put((ri_out, ti_out), lp)
     if compute_entropy:
         with torch.no_grad():
-            ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+            ent = lse - torch.einsum("glv,glv->gl", torch.softmax(logits, dim=-1), logits)
         entropies = entropies.index_put((ri_out, ti_out), ent[gi, ri])
     return logps, entropies
 
