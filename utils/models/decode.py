@@ -196,7 +196,7 @@ def packed_linears(model, rows: int):
                     and min(mod.in_features, mod.out_features) >= _PACK_MIN_FEATURES):
                 w = mkldnn._reorder_linear_weight(mod.weight.detach(), rows)
                 b = None if mod.bias is None else mod.bias.detach()
-                mod.forward = functools.partial(_packed_forward, w, b, mod.out_features)
+                mod.forward = functools.partial(_packed_forward, mkldnn._linear_pointwise, w, b, mod.out_features)
                 patched.append(mod)
         yield
     finally:
@@ -204,10 +204,9 @@ def packed_linears(model, rows: int):
             del mod.forward  # the class's forward again
 
 
-def _packed_forward(weight, bias, out_features: int, x):
-    import torch
-
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+def _packed_forward(linear, weight, bias, out_features: int, x):
+    # ``linear`` is bound once per call of packed_linears: every decoded token runs this for each packed layer.
+    y = linear(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
     return y.reshape(*x.shape[:-1], out_features)
 
 
