@@ -191,27 +191,76 @@ def test_packed_linears_match_the_plain_matmul_and_are_undone():
     assert torch.allclose(packed, plain, atol=1e-4, rtol=1e-4)
 
 
-def test_decoder_with_packed_layers_matches_generate(tmp_path):
-    """A Llama wide enough (256) for its layers and output layer to be packed: greedy tokens still equal
-    model.generate's, and the packed path really ran."""
+def _wide_llama(path):
+    """A Llama wide enough (256) for its layers and output layer to be packed, with large random weights."""
     import torch
 
-    import utils.models.decode as dec
     from utils.models.tiny import build_tiny_llama
 
-    model, tok = load_for_inference(str(build_tiny_llama(tmp_path / "wide", hidden_size=256)), dtype="float32")
+    model, tok = load_for_inference(str(build_tiny_llama(path, hidden_size=256)), dtype="float32")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, w in model.named_parameters():
             if "norm" not in name:
                 w.copy_(torch.randn(w.shape, generator=gen) * 0.5)
-    calls = []
-    real = dec._packed_forward
-    dec._packed_forward = lambda *a: calls.append(1) or real(*a)
+    return model, tok
+
+
+def _spy(module, name):
+    calls, real = [], getattr(module, name)
+    setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    return calls, lambda: setattr(module, name, real)
+
+
+def test_decoder_with_packed_layers_matches_generate(tmp_path):
+    """The written-out Llama step with fused, packed weights: greedy tokens equal model.generate's while rows
+    leave and join (padding columns masked), and the packed step really ran."""
+    import torch
+
+    import utils.models.decode as dec
+
+    model, tok = _wide_llama(tmp_path / "wide")
+    calls, undo = _spy(dec, "_packed_matmul")
     try:
         ids = _encode(tok, MORE)
-        out, _ = dec.decode(model, ids, max_new_tokens=8, stop_ids=[-1], pad_id=tok.pad_token_id, max_rows=3)
+        out, stats = dec.decode(model, ids, max_new_tokens=8, stop_ids=[-1], pad_id=tok.pad_token_id, max_rows=3)
     finally:
-        dec._packed_forward = real
+        undo()
+    assert stats.step == "llama"
     assert out == _reference(model, ids, 8, [-1], tok.pad_token_id)
     assert calls or not torch.backends.mkldnn.is_available()
+    bare = [[1000, 17, 256, 9], [42, 7], [3000]]  # no shared prefix: the prefill starts from empty buffers
+    out, _ = dec.decode(model, bare, max_new_tokens=5, stop_ids=[-1], pad_id=tok.pad_token_id, max_rows=2)
+    assert out == _reference(model, bare, 5, [-1], tok.pad_token_id)
+
+
+def test_decoder_runs_an_adapter_merged_or_falls_back_to_the_model_forward(tmp_path):
+    """A LoRA adapter merged into its base (how GRPO samples) runs the written-out step; an unmerged one
+    runs the model's own forward with packed layers. Both give model.generate's greedy tokens."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import utils.models.decode as dec
+
+    base, tok = _wide_llama(tmp_path / "wide")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj"],
+                                            init_lora_weights=False)).eval()
+    ids = _encode(tok, MORE[:3])
+    with torch.no_grad():
+        expected = _reference(model, ids, 6, [-1], tok.pad_token_id)
+    kw = dict(max_new_tokens=6, stop_ids=[-1], pad_id=tok.pad_token_id, max_rows=3)
+    calls, undo = _spy(dec, "_packed_forward")
+    try:
+        out, stats = dec.decode(model, ids, **kw)
+    finally:
+        undo()
+    assert (stats.step, out) == ("model", expected)
+    assert calls or not torch.backends.mkldnn.is_available()
+    model.merge_adapter()
+    try:
+        out, stats = dec.decode(model, ids, **kw)
+    finally:
+        model.unmerge_adapter()
+    assert (stats.step, out) == ("llama", expected)
+    model.disable_adapter_layers()  # the base alone: no adapter applies, nothing merged
+    assert dec.LlamaStep.build(model, 3) is not None

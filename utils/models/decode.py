@@ -12,9 +12,11 @@ the machine's bound (scripts/bench_eval.py). Here
 * greedy, temperature, top-k and top-p sampling are done on the logits directly (one uniform draw per
   row against the cumulative probabilities);
 * fp32 linear layers run on weights that oneDNN has packed once per call for the decode batch
-  (:func:`packed_linears`): at 16 rows ~1.7x faster than the plain matmul, the 49k-token output layer 3x.
+  (:func:`packed_linears`): at 16 rows ~1.7x faster than the plain matmul, the 49k-token output layer 3x;
+* Llama models (SmolLM2, Llama-3.x) prefill and step through :class:`LlamaStep`, the forward written out
+  over these buffers with q/k/v and gate/up fused into one product each, instead of the model's modules.
 
-It runs the model's own forward (any Llama-like model whose cache layers are plain full-attention
+Other models run their own forward (any Llama-like model whose cache layers are plain full-attention
 layers); :func:`supported` says when it can, and callers fall back to ``model.generate`` otherwise
 (sliding-window or hybrid caches, beam search, repetition penalties, a GPU, where vLLM is the recipe's
 fast path)::
@@ -88,6 +90,7 @@ class DecodeStats:
     steps: int = 0             # forward passes of one token per row
     row_steps: int = 0         # rows x steps summed: decoding work done (== new_tokens minus first tokens)
     prefills: int = 0          # prefill forward passes (one per admission of waiting prompts)
+    step: str = ""             # what ran a decode step: "llama" (LlamaStep) or "model" (the model's forward)
     seconds: float = 0.0
 
 
@@ -210,6 +213,129 @@ def _packed_forward(linear, weight, bias, out_features: int, x):
     return y.reshape(*x.shape[:-1], out_features)
 
 
+class LlamaStep:
+    """The forward of a Llama model (``LlamaForCausalLM``: SmolLM2, Llama-3.x) written out over the engine's
+    cache buffers, for decode steps and prefills. Through the model's own forward a decode step ran ~25 module
+    calls and mask/cache bookkeeping per layer; here q, k and v are one product, gate and up another, and a
+    layer is ~20 tensor operations: 1.3-1.4x faster a step at 2-16 rows on the CPU recipe, and prefills use
+    the packed weights too (docs/EXPERIMENTS.md). Weights are fused (and oneDNN-packed for the call's row
+    count where big enough) once per :func:`decode` call. :meth:`build` returns ``None`` for anything else
+    (other architectures, biases, an unmerged adapter, non-fp32 weights): the engine then runs the model's
+    forward, which is always right; this is only faster."""
+
+    def __init__(self, inner, weight, rows: int):
+        import torch
+
+        cfg, m = inner.config, inner.model
+        self.torch, self.F = torch, torch.nn.functional
+        self.rope = m.rotary_emb
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = m.layers[0].self_attn.head_dim
+        self.inter = cfg.intermediate_size
+        mkldnn = getattr(torch.ops, "mkldnn", None)
+        packable = torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+
+        def prep(w):
+            if packable and min(w.shape) >= _PACK_MIN_FEATURES:
+                w = mkldnn._reorder_linear_weight(w.contiguous(), rows)
+                return functools.partial(_packed_matmul, mkldnn._linear_pointwise, w)
+            return functools.partial(self.F.linear, weight=w)
+
+        self.layers = []
+        for layer in m.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            self.layers.append((
+                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+                prep(torch.cat([weight(att.q_proj), weight(att.k_proj), weight(att.v_proj)])),
+                prep(weight(att.o_proj)), att.scaling,
+                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                prep(torch.cat([weight(mlp.gate_proj), weight(mlp.up_proj)])), prep(weight(mlp.down_proj))))
+        self.norm, self.eps = m.norm.weight, m.norm.variance_epsilon
+        self.embed, self.head = m.embed_tokens.weight, prep(weight(inner.lm_head))
+
+    @classmethod
+    def build(cls, model, rows: int) -> "LlamaStep | None":
+        """The step for ``model`` decoding ``rows`` rows at most, or ``None`` when it does not apply."""
+        import torch
+        from transformers.models.llama import modeling_llama as ml
+
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = getattr(inner, "config", None)
+        if (type(inner) is not ml.LlamaForCausalLM or cfg.hidden_act != "silu" or cfg.attention_bias
+                or cfg.mlp_bias or (getattr(cfg, "pretraining_tp", 1) or 1) != 1):
+            return None
+        m = inner.model
+        if (type(m.embed_tokens) is not torch.nn.Embedding or type(m.norm) is not ml.LlamaRMSNorm
+                or any(type(layer) is not ml.LlamaDecoderLayer or type(layer.mlp) is not ml.LlamaMLP
+                       or type(layer.self_attn) is not ml.LlamaAttention for layer in m.layers)):
+            return None
+        linears = [inner.lm_head] + [getattr(layer.self_attn, n) for layer in m.layers for n in ("q_proj", "k_proj",
+                   "v_proj", "o_proj")] + [getattr(layer.mlp, n) for layer in m.layers for n in ("gate_proj",
+                   "up_proj", "down_proj")]
+        weights = {id(mod): _effective_weight(mod) for mod in linears}
+        if any(w is None for w in weights.values()) or any(
+                p.dtype != torch.float32 or p.device.type != "cpu" for p in [m.embed_tokens.weight, *weights.values()]):
+            return None
+        return cls(inner, lambda mod: weights[id(mod)], rows)
+
+    def _rms(self, h, weight, eps):
+        return h * self.torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def __call__(self, ids, pos, cache_layers, n: int, mask):
+        """Last-token logits ``[rows, vocab]`` after the tokens ``ids[r]`` (``[rows, tokens]``) at positions
+        ``pos[r]``, whose keys and values go into columns ``n, n + 1, ...`` of the cache buffers; each token
+        attends to the columns before its own and itself, except those where ``mask[r]`` (``[rows, n + tokens]``)
+        is False: padding, or another row's past. One token a row is a decode step; more is a prefill."""
+        torch, F = self.torch, self.F
+        H, KV, hd = self.heads, self.kv_heads, self.head_dim
+        (B, S), G, half, qk_w = ids.shape, H // KV, hd // 2, (H + KV) * hd
+        T = n + S
+        h = self.embed[ids]
+        cos, sin = self.rope(h, pos)  # [B, S, hd]: the model's own rotary (any rope scaling)
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        allowed = mask[:, None, :T]
+        if S > 1:  # causal: token i sees the columns up to n + i; a padding token sees itself at least, so
+            # that no row of scores is all -inf (its NaN would reach every later key through the cache)
+            cols, own = torch.arange(T)[None, :], n + torch.arange(S)[:, None]
+            allowed = (allowed | (cols == own)[None]) & (cols <= own)[None]
+        bias = torch.zeros(allowed.shape, dtype=h.dtype).masked_fill_(~allowed, float("-inf"))  # [B, S or 1, T]
+        bias = bias[:, None, None].expand(B, 1, G, allowed.shape[1], T).reshape(B, 1, -1, T)
+        for (n1, e1, qkv_proj, o_proj, scale, n2, e2, gate_up, down), layer in zip(self.layers, cache_layers):
+            qkv = qkv_proj(self._rms(h, n1, e1))
+            qk = qkv[..., :qk_w].view(B, S, H + KV, hd)  # queries and keys rotate together
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            layer.k[:, :, n:T] = qk[:, :, H:].transpose(1, 2)
+            layer.v[:, :, n:T] = qkv[..., qk_w:].view(B, S, KV, hd).transpose(1, 2)
+            # Grouped-query attention without repeating keys: the G query heads of a group share theirs.
+            q = qk[:, :, :H].reshape(B, S, KV, G, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, G * S, hd)
+            s = torch.matmul(q, layer.k[:, :, :T].transpose(-1, -2)).mul_(scale).add_(bias)
+            o = torch.matmul(s.softmax(-1), layer.v[:, :, :T])  # [B, KV, G * S, hd]
+            h = h + o_proj(o.view(B, KV, G, S, hd).permute(0, 3, 1, 2, 4).reshape(B, S, H * hd))
+            gu = gate_up(self._rms(h, n2, e2))
+            h = h + down(F.silu(gu[..., :self.inter]) * gu[..., self.inter:])
+        return self.head(self._rms(h[:, -1], self.norm, self.eps))
+
+
+def _effective_weight(mod):
+    """The weight ``mod`` multiplies by: a bias-free ``nn.Linear``'s, or a PEFT LoRA layer's base weight when
+    every adapter it would apply is merged into it; else ``None``."""
+    import torch
+
+    if type(mod) is torch.nn.Linear:
+        return mod.weight if mod.bias is None else None
+    base = getattr(mod, "base_layer", None)
+    if type(base) is not torch.nn.Linear or base.bias is not None or not hasattr(mod, "merged_adapters"):
+        return None
+    if getattr(mod, "disable_adapters", False):  # PEFT unmerges in forward when adapters are disabled
+        return None if mod.merged_adapters else base.weight
+    own = {a for a in mod.active_adapters if a in getattr(mod, "lora_A", {})}
+    return base.weight if own <= set(mod.merged_adapters) else None
+
+
+def _packed_matmul(linear, weight, x):
+    return linear(x, weight, None, "none", [], "")  # any leading dimensions, as F.linear
+
+
 def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     """Length of the token prefix all ``prompts`` share, less one so that every prompt keeps a token of
     its own to prefill (the last prompt token's logits pick the first new token)."""
@@ -226,11 +352,11 @@ class _Engine:
     """The running batch: one cache buffer per layer, ``mask[row, column]`` marking real tokens (padding
     and the columns before a row's first token are False), each row's next position and latest token."""
 
-    def __init__(self, model, prompts, max_new_tokens, stop_ids, pad_id, max_rows, pick):
+    def __init__(self, model, prompts, max_new_tokens, stop_ids, pad_id, max_rows, pick, fast=None):
         import torch
 
         self.torch = torch
-        self.model, self.prompts, self.pick = model, prompts, pick
+        self.model, self.prompts, self.pick, self.fast = model, prompts, pick, fast
         self.max_new, self.pad_id, self.max_rows = max_new_tokens, pad_id, max(1, max_rows)
         self.stops = torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.long)
         self.n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
@@ -242,7 +368,7 @@ class _Engine:
         self.alive = torch.zeros(0, dtype=torch.bool)      # False once a row has ended (until it is dropped)
         self.made = torch.zeros(0, dtype=torch.long)       # tokens each row has generated (exact while alive)
         self.out: list[list[int]] = [[] for _ in prompts]
-        self.stats = DecodeStats(rows=len(prompts))
+        self.stats = DecodeStats(rows=len(prompts), step="llama" if fast else "model")
         self.progress, self.started, self.logged = False, time.time(), time.time()
         # The prefix every prompt shares (the system prompt and chat header: ~70 of ~100 tokens here) is
         # run once per call; each admission prefills only the prompts' own tokens after it.
@@ -250,10 +376,10 @@ class _Engine:
         self.prefix_kv = None
         if self.prefix:
             fresh = _cache(self.n_layers)
-            self.model(input_ids=torch.tensor([self.prefix]), cache=fresh, use_cache=True,
-                       logits_to_keep=1)
+            P = len(self.prefix)
+            self._prefill(torch.tensor([self.prefix]), torch.ones((1, P), dtype=torch.bool),
+                          torch.arange(P)[None], fresh, 0)
             self.prefix_kv = [(layer.k, layer.v) for layer in fresh.layers]
-            self.stats.prefills += 1
 
     # ------------------------------------------------------------------ admission
     def admit(self, idx: list[int]) -> None:
@@ -280,9 +406,7 @@ class _Engine:
                 kb, vb = k.new_empty(shape), v.new_empty(shape)
                 kb[:, :, :P], vb[:, :, :P] = k, v
                 layer.set(kb, vb, P)
-        logits = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=pos, cache=fresh,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]
-        self.stats.prefills += 1
+        logits = self._prefill(ids, mask, pos, fresh, P)
         sel = torch.tensor(which, dtype=torch.long)
         first = self.pick(logits[sel])
         # New layout: the running rows keep the columns any of them still uses, right-aligned; the new rows'
@@ -293,8 +417,12 @@ class _Engine:
         cap = width + self.max_new + 1  # every row admitted now ends within max_new more columns
         b_old, b = len(self.rows), len(self.rows) + len(idx)
         for layer, new in zip(self.cache.layers, fresh.layers):
-            k = new.k.new_zeros((b, new.k.shape[1], cap, new.k.shape[3]))
-            v = torch.zeros_like(k)
+            # Columns from ``width`` on are written by a step before any row reads them; those before it that a
+            # row does not use are masked, and must still hold numbers (0 x NaN would poison the attention).
+            k = new.k.new_empty((b, new.k.shape[1], cap, new.k.shape[3]))
+            v = torch.empty_like(k)
+            k[:, :, :width].zero_()
+            v[:, :, :width].zero_()
             if b_old:  # the kept rows' used columns only: one gather, one write
                 k[:b_old, :, width - old_w:width] = layer.k[keep, :, n_old - old_w:n_old]
                 v[:b_old, :, width - old_w:width] = layer.v[keep, :, n_old - old_w:n_old]
@@ -314,6 +442,22 @@ class _Engine:
         self.stats.new_tokens += len(idx)
         for r, i in enumerate(idx):
             self.out[i].append(int(first[r]))
+
+    def _prefill(self, ids, mask, pos, fresh, n: int):
+        """Run ``ids`` (``[rows, tokens]``, left-padded) into the cache ``fresh``, whose first ``n`` columns may
+        already hold a shared prefix; the last token's logits."""
+        self.stats.prefills += 1
+        if self.fast is None:
+            return self.model(input_ids=ids, attention_mask=mask.long(), position_ids=pos, cache=fresh,
+                              use_cache=True, logits_to_keep=1).logits[:, -1]
+        if n == 0:  # the written-out step writes into buffers: give it ones exactly as wide as the prompts
+            shape = (ids.shape[0], self.fast.kv_heads, ids.shape[1], self.fast.head_dim)
+            for layer in fresh.layers:
+                layer.set(self.fast.embed.new_empty(shape), self.fast.embed.new_empty(shape), 0)
+        logits = self.fast(ids, pos, fresh.layers, n, mask)
+        for layer in fresh.layers:
+            layer.set(layer.k, layer.v, n + ids.shape[1])
+        return logits
 
     def _first_used(self, n: int) -> int:
         """The first column some running row still attends to."""
@@ -358,9 +502,14 @@ class _Engine:
     def step(self) -> None:
         n = self.cache.layers[0].n
         self.mask[:, n] = True
-        logits = self.model(input_ids=self.last.unsqueeze(1), attention_mask=self.mask[:, :n + 1].long(),
-                            position_ids=self.pos.unsqueeze(1), cache=self.cache,
-                            use_cache=True).logits[:, -1]
+        if self.fast is not None:
+            logits = self.fast(self.last[:, None], self.pos[:, None], self.cache.layers, n, self.mask[:, :n + 1])
+            for layer in self.cache.layers:
+                layer.set(layer.k, layer.v, n + 1)
+        else:
+            logits = self.model(input_ids=self.last.unsqueeze(1), attention_mask=self.mask[:, :n + 1].long(),
+                                position_ids=self.pos.unsqueeze(1), cache=self.cache,
+                                use_cache=True).logits[:, -1]
         self.stats.steps += 1
         self.stats.row_steps += int(self.alive.sum())
         self.pos += 1
@@ -415,8 +564,12 @@ def decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop
     def pick(logits):
         return pick_tokens(logits, do_sample, temperature, top_k, top_p, generator)
 
-    with torch.inference_mode(), packed_linears(model, min(max_rows, len(prompts))):
-        engine = _Engine(model, [list(p) for p in prompts], max_new_tokens, stop_ids, pad_id, max_rows, pick)
+    rows = min(max_rows, len(prompts))
+    with torch.inference_mode():
+        fast = LlamaStep.build(model, rows)
+    # The written-out step has its own packed weights; other models pack their layers in place.
+    with torch.inference_mode(), (contextlib.nullcontext() if fast else packed_linears(model, rows)):
+        engine = _Engine(model, [list(p) for p in prompts], max_new_tokens, stop_ids, pad_id, max_rows, pick, fast)
         engine.progress = progress
         out = engine.run()
     engine.stats.seconds = time.time() - started
