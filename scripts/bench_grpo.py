@@ -23,7 +23,8 @@ After ``--warmup`` steps it measures ``--steps`` optimizer steps and prints, for
 shared machine), generated tokens per second, the share of step time spent generating, generation
 throughput as a fraction of the machine's bound (memory bandwidth / weight bytes per decode step times
 the rows decoded together, capped by matmul FLOP/s, both measured at start), peak resident memory, and
-the mean reward of the measured steps; then the ratios ours / plain.
+the mean reward of the measured steps, and each side's OpenMP wait policy (ours sets PASSIVE, as
+grpo_train.py does, unless OMP_WAIT_POLICY is set); then the ratios ours / plain.
 """
 
 from __future__ import annotations
@@ -197,6 +198,8 @@ def worker(args) -> dict:
         "mean_completion_tokens": meter.tokens / max(meter.rows, 1),
         "bound_tokens_per_s": tps_bound, "gen_fraction_of_bound": gen_tps / tps_bound if tps_bound else 0.0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # PASSIVE (grpo_train.py's default, for shared cores) costs a process alone on them ~20% (EXPERIMENTS)
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "mean_reward": sum(h["reward"] for h in hist) / len(hist) if hist else None,
         **bound,
     }
@@ -213,7 +216,7 @@ ROWS = [("completions per optimizer step", "completions_per_step", "{:.0f}"),
         ("tokens/s bound (bandwidth, FLOP/s)", "bound_tokens_per_s", "{:.0f}"),
         ("tokens/s as fraction of bound", "gen_fraction_of_bound", "{:.0%}"),
         ("peak RSS (MiB)", "peak_rss_mb", "{:.0f}"), ("mean reward (measured steps)", "mean_reward", "{:.3f}"),
-        ("measured bandwidth GB/s / matmul GFLOP/s", None, None)]
+        ("measured bandwidth GB/s / matmul GFLOP/s", None, None), ("OpenMP wait policy", None, None)]
 
 
 def report(results: dict[str, dict]) -> str:
@@ -225,6 +228,8 @@ def report(results: dict[str, dict]) -> str:
             if label.startswith("per-device"):
                 vals = [f"{r['per_device_batch']} / {'yes' if r['gradient_checkpointing'] else 'no'}"
                         f" ({r['model_dtype']}{', bf16 autocast' if r['bf16'] else ''})" for r in results.values()]
+            elif label.startswith("OpenMP"):
+                vals = [str(r.get("omp_wait_policy", "n/a")) for r in results.values()]
             else:
                 vals = [f"{r['bandwidth_gb_s']} / {r['matmul_gflop_s']}" for r in results.values()]
             lines.append(f"| {label} | " + " | ".join(vals) + (" | |" if len(sides) == 2 else " |"))
