@@ -234,42 +234,33 @@ def test_decoder_with_packed_layers_matches_generate(tmp_path):
     assert out == _reference(model, bare, 5, [-1], tok.pad_token_id)
 
 
-def test_decoder_folds_a_lora_adapter_and_leaves_dora_to_the_model_forward(tmp_path):
-    """An unmerged LoRA adapter is added to the written-out step's own weight copies (the model's weights are
-    left as they were), a merged one is used as merged; DoRA, which is not a plain weight update, runs the
-    model's own forward with packed layers. Each gives model.generate's greedy tokens."""
+def test_decoder_runs_an_adapter_merged_or_falls_back_to_the_model_forward(tmp_path):
+    """A LoRA adapter merged into its base (how GRPO samples) runs the written-out step; an unmerged one
+    runs the model's own forward with packed layers. Both give model.generate's greedy tokens."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     import utils.models.decode as dec
-    from utils.training.grpo.trainer import merged_adapter
 
     base, tok = _wide_llama(tmp_path / "wide")
-    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj"], init_lora_weights=False)
-    model = get_peft_model(base, lora).eval()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj"],
+                                            init_lora_weights=False)).eval()
     ids = _encode(tok, MORE[:3])
-    kw = dict(max_new_tokens=6, stop_ids=[-1], pad_id=tok.pad_token_id, max_rows=3)
     with torch.no_grad():
         expected = _reference(model, ids, 6, [-1], tok.pad_token_id)
-    before = {n: p.clone() for n, p in model.named_parameters()}
-    with merged_adapter(model, decoder=True):  # how GRPO samples: nothing to merge for the written-out step
-        out, stats = dec.decode(model, ids, **kw)
-    assert (stats.step, out) == ("llama", expected)
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    with merged_adapter(model):
-        out, stats = dec.decode(model, ids, **kw)
-    assert (stats.step, out) == ("llama", expected)
-
-    model = model.unload()
-    dora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
-                                            init_lora_weights=False)).eval()
-    assert not dec.LlamaStep.applies(dora)
-    with torch.no_grad():
-        expected = _reference(dora, ids, 6, [-1], tok.pad_token_id)
+    kw = dict(max_new_tokens=6, stop_ids=[-1], pad_id=tok.pad_token_id, max_rows=3)
     calls, undo = _spy(dec, "_packed_forward")
     try:
-        out, stats = dec.decode(dora, ids, **kw)
+        out, stats = dec.decode(model, ids, **kw)
     finally:
         undo()
     assert (stats.step, out) == ("model", expected)
     assert calls or not torch.backends.mkldnn.is_available()
+    model.merge_adapter()
+    try:
+        out, stats = dec.decode(model, ids, **kw)
+    finally:
+        model.unmerge_adapter()
+    assert (stats.step, out) == ("llama", expected)
+    model.disable_adapter_layers()  # the base alone: no adapter applies, nothing merged
+    assert dec.LlamaStep.build(model, 3) is not None

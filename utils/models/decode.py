@@ -219,10 +219,9 @@ class LlamaStep:
     calls and mask/cache bookkeeping per layer; here q, k and v are one product, gate and up another, and a
     layer is ~20 tensor operations: 1.3-1.4x faster a step at 2-16 rows on the CPU recipe, and prefills use
     the packed weights too (docs/EXPERIMENTS.md). Weights are fused (and oneDNN-packed for the call's row
-    count where big enough) once per :func:`decode` call, with any unmerged LoRA update added (no merge and
-    unmerge of the model's own weights). :meth:`build` returns ``None`` for anything else (other
-    architectures, biases, DoRA, non-fp32 weights): the engine then runs the model's forward, which is always
-    right; this is only faster."""
+    count where big enough) once per :func:`decode` call. :meth:`build` returns ``None`` for anything else
+    (other architectures, biases, an unmerged adapter, non-fp32 weights): the engine then runs the model's
+    forward, which is always right; this is only faster."""
 
     def __init__(self, inner, weight, rows: int):
         import torch
@@ -254,9 +253,9 @@ class LlamaStep:
         self.norm, self.eps = m.norm.weight, m.norm.variance_epsilon
         self.embed, self.head = m.embed_tokens.weight, prep(weight(inner.lm_head))
 
-    @staticmethod
-    def _parts(model):
-        """``(inner model, its linear layers)`` when the written-out forward can run ``model``, else None."""
+    @classmethod
+    def build(cls, model, rows: int) -> "LlamaStep | None":
+        """The step for ``model`` decoding ``rows`` rows at most, or ``None`` when it does not apply."""
         import torch
         from transformers.models.llama import modeling_llama as ml
 
@@ -273,25 +272,11 @@ class LlamaStep:
         linears = [inner.lm_head] + [getattr(layer.self_attn, n) for layer in m.layers for n in ("q_proj", "k_proj",
                    "v_proj", "o_proj")] + [getattr(layer.mlp, n) for layer in m.layers for n in ("gate_proj",
                    "up_proj", "down_proj")]
-        if any(_adapters_to_fold(mod) is None for mod in linears):
+        weights = {id(mod): _effective_weight(mod) for mod in linears}
+        if any(w is None for w in weights.values()) or any(
+                p.dtype != torch.float32 or p.device.type != "cpu" for p in [m.embed_tokens.weight, *weights.values()]):
             return None
-        weights = [m.embed_tokens.weight] + [(mod if type(mod) is torch.nn.Linear else mod.base_layer).weight
-                                             for mod in linears]
-        if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
-            return None
-        return inner, linears
-
-    @classmethod
-    def applies(cls, model) -> bool:
-        """Whether :meth:`build` would return a step for ``model`` (an unmerged LoRA adapter is folded into the
-        step's own weight copies, so a caller need not merge it first)."""
-        return cls._parts(model) is not None
-
-    @classmethod
-    def build(cls, model, rows: int) -> "LlamaStep | None":
-        """The step for ``model`` decoding ``rows`` rows at most, or ``None`` when it does not apply."""
-        parts = cls._parts(model)
-        return None if parts is None else cls(parts[0], _effective_weight, rows)
+        return cls(inner, lambda mod: weights[id(mod)], rows)
 
     def _rms(self, h, weight, eps):
         return h * self.torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight
@@ -331,35 +316,20 @@ class LlamaStep:
         return self.head(self._rms(h[:, -1], self.norm, self.eps))
 
 
-def _adapters_to_fold(mod) -> list[str] | None:
-    """The LoRA adapters to add to a layer's base weight for the written-out forward to multiply by what the
-    layer's forward would (none for a bias-free ``nn.Linear`` or a LoRA layer whose adapters are merged), or
-    ``None`` when it cannot: a bias, a LoRA variant (DoRA, ...) or LoRA bias, another kind of layer."""
+def _effective_weight(mod):
+    """The weight ``mod`` multiplies by: a bias-free ``nn.Linear``'s, or a PEFT LoRA layer's base weight when
+    every adapter it would apply is merged into it; else ``None``."""
     import torch
 
     if type(mod) is torch.nn.Linear:
-        return [] if mod.bias is None else None
+        return mod.weight if mod.bias is None else None
     base = getattr(mod, "base_layer", None)
-    if (type(base) is not torch.nn.Linear or base.bias is not None or not hasattr(mod, "merged_adapters")
-            or not hasattr(mod, "get_delta_weight")):
+    if type(base) is not torch.nn.Linear or base.bias is not None or not hasattr(mod, "merged_adapters"):
         return None
     if getattr(mod, "disable_adapters", False):  # PEFT unmerges in forward when adapters are disabled
-        return None if mod.merged_adapters else []
-    todo = [a for a in mod.active_adapters if a in getattr(mod, "lora_A", {}) and a not in mod.merged_adapters]
-    if any(a in getattr(mod, "lora_variant", {}) or getattr(mod.lora_B[a], "bias", None) is not None for a in todo):
-        return None
-    return todo
-
-
-def _effective_weight(mod):
-    """The weight a layer accepted by :func:`_adapters_to_fold` multiplies by: its base weight plus the update
-    of each unmerged adapter (PEFT's own ``get_delta_weight``, what merging would add)."""
-    import torch
-
-    w = (mod if type(mod) is torch.nn.Linear else mod.base_layer).weight
-    for adapter in _adapters_to_fold(mod):
-        w = w + mod.get_delta_weight(adapter)
-    return w
+        return None if mod.merged_adapters else base.weight
+    own = {a for a in mod.active_adapters if a in getattr(mod, "lora_A", {})}
+    return base.weight if own <= set(mod.merged_adapters) else None
 
 
 def _packed_matmul(linear, weight, x):

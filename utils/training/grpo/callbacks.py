@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from utils.core.artifacts import read_log
-from utils.models import decode
 from utils.rewards.rules import completion_text
 from utils.training.grpo.config import GRPOTrainConfig
 from utils.training.grpo.trainer import merged_adapter
@@ -93,7 +92,7 @@ class HeldOutReward(_Callback):
         prompts = [r["prompt"] for r in shard] or [self.rows[0]["prompt"]]
         with unwrap_model_for_generation(tr.model_wrapped, acc, gather_deepspeed3_params=tr.args.ds3_gather_for_generation,
                                          gradient_checkpointing_kwargs=tr.args.gradient_checkpointing_kwargs) as m, \
-                merged_adapter(m, decoder=decode.supported(m) is None):
+                merged_adapter(m):
             answers = generate(m, self.tok, prompts, max_new_tokens=self.max_new_tokens,
                                batch_size=self.cfg.eval_batch_size or self.cfg.per_device_batch_size)[:len(shard)]
         scores = self.cfg.score(answers, shard) if shard else []

@@ -30,22 +30,16 @@ log = logging.getLogger(__name__)
 
 # ============================================================================= faster generation
 @contextlib.contextmanager
-def merged_adapter(model, decoder: bool = False):
+def merged_adapter(model):
     """Sample with the LoRA update merged into the base weights: the per-token adapter matmuls go away.
 
     Only for fp32 weights: un-merging subtracts the same update again, exact to fp32 rounding (about
     1e-7 relative per round, far below what training moves); with bf16 or 4-bit weights the round trip
     would lose precision, so those generate with the adapter as it is. Not under ZeRO-3 (sharded weights).
-    ``decoder``: the caller generates with :func:`utils.models.decode.decode`; where its written-out Llama
-    step runs the model, it adds the update to its own weight copies, and merging (0.3-0.5 s a GRPO step on
-    the CPU recipe) is left out.
     """
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if decoder and decode.LlamaStep.applies(model):
-        yield model
-        return
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     ok = (bool(layers) and hasattr(model, "merge_adapter") and not _zero3()
           and all(getattr(m.get_base_layer(), "weight", None) is not None
@@ -349,19 +343,18 @@ def trainer_class():
                                               gather_deepspeed3_params=self.args.ds3_gather_for_generation,
                                               generation_kwargs=self.generation_kwargs,
                                               gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
-                  as unwrapped, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False)):
+                  as unwrapped, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False),
+                  merged_adapter(unwrapped)):
                 cfg = self.generation_config
                 if decode.supported(unwrapped) is None and not decode.unsupported(cfg):
                     # All of the step's rows decode together; a row leaves at its end token.
-                    with merged_adapter(unwrapped, decoder=True):
-                        ids, _ = decode.decode(unwrapped, prompt_ids, max_new_tokens=cfg.max_new_tokens,
-                                               stop_ids=self.eos_token_ids, pad_id=self._tokenizer.pad_token_id,
-                                               max_rows=len(prompt_ids), do_sample=cfg.do_sample,
-                                               temperature=cfg.temperature or 1.0, top_k=cfg.top_k,
-                                               top_p=cfg.top_p if cfg.top_p is not None else 1.0)
+                    ids, _ = decode.decode(unwrapped, prompt_ids, max_new_tokens=cfg.max_new_tokens,
+                                           stop_ids=self.eos_token_ids, pad_id=self._tokenizer.pad_token_id,
+                                           max_rows=len(prompt_ids), do_sample=cfg.do_sample,
+                                           temperature=cfg.temperature or 1.0, top_k=cfg.top_k,
+                                           top_p=cfg.top_p if cfg.top_p is not None else 1.0)
                     return ids, None
-                with merged_adapter(unwrapped):
-                    new = generate_grouped(unwrapped, prompt_ids, self.generation_config, self._tokenizer.pad_token_id)
+                new = generate_grouped(unwrapped, prompt_ids, self.generation_config, self._tokenizer.pad_token_id)
             return _trim_after_eos(new, self.eos_token_ids), None
 
     _Trainer.__name__ = _Trainer.__qualname__ = "ECGGRPOTrainer"
