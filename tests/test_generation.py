@@ -249,7 +249,7 @@ def test_decoder_runs_an_adapter_merged_or_falls_back_to_the_model_forward(tmp_p
     with torch.no_grad():
         expected = _reference(model, ids, 6, [-1], tok.pad_token_id)
     kw = dict(max_new_tokens=6, stop_ids=[-1], pad_id=tok.pad_token_id, max_rows=3)
-    calls, undo = _spy(dec, "_packed_forward")
+    calls, undo = _spy(dec, "_packed_matmul")
     try:
         out, stats = dec.decode(model, ids, **kw)
     finally:

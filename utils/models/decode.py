@@ -178,39 +178,49 @@ def pick_tokens(logits, do_sample: bool, temperature: float = 1.0, top_k: int | 
 _PACK_MIN_FEATURES = 256
 
 
-@contextlib.contextmanager
-def packed_linears(model, rows: int):
-    """Within the block, every fp32 ``nn.Linear`` of ``model`` whose in and out features are both at least
-    ``_PACK_MIN_FEATURES`` multiplies with a copy of its weight that oneDNN has reordered for ``rows`` rows
-    (``torch.ops.mkldnn._linear_pointwise``, what torch.compile's CPU freezing uses). Logits differ from the
-    plain matmul's by rounding only (~1e-5); the copies cost the weights' size in memory while the block
-    runs, and ~0.2 s to make for a 135M model. Without oneDNN (or for other dtypes) the model runs as it is.
-    Inference only: the packed weight is a snapshot, not a parameter."""
+def _packer(rows: int):
+    """``pack(weight, bias=None)``: a function multiplying by a copy of ``weight`` that oneDNN has reordered
+    for ``rows`` rows (``torch.ops.mkldnn._linear_pointwise``, what torch.compile's CPU freezing uses), or
+    ``None`` where that does not apply: oneDNN missing, not fp32 on the CPU, or too small to gain."""
     import torch
 
     mkldnn = getattr(torch.ops, "mkldnn", None)
     if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")):
-        yield
-        return
-    patched = []
+        return lambda weight, bias=None: None
+
+    def pack(weight, bias=None):
+        if (weight.dtype != torch.float32 or weight.device.type != "cpu"
+                or min(weight.shape) < _PACK_MIN_FEATURES):
+            return None
+        w = mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
+        return functools.partial(_packed_matmul, mkldnn._linear_pointwise, w,
+                                 None if bias is None else bias.detach())
+    return pack
+
+
+def _packed_matmul(linear, weight, bias, x):
+    # ``linear`` is bound once per packing: every decoded token runs this for each packed layer.
+    return linear(x, weight, bias, "none", [], "")  # any leading dimensions, as F.linear
+
+
+@contextlib.contextmanager
+def packed_linears(model, rows: int):
+    """Within the block, every ``nn.Linear`` of ``model`` that :func:`_packer` packs multiplies with its
+    oneDNN-packed copy. Logits differ from the plain matmul's by rounding only (~1e-5); the copies cost the
+    weights' size in memory while the block runs, and ~0.2 s to make for a 135M model. Other layers run as
+    they are. Inference only: the packed weight is a snapshot, not a parameter."""
+    import torch
+
+    pack, patched = _packer(rows), []
     try:
         for mod in model.modules():
-            if (type(mod) is torch.nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.device.type == "cpu"
-                    and min(mod.in_features, mod.out_features) >= _PACK_MIN_FEATURES):
-                w = mkldnn._reorder_linear_weight(mod.weight.detach(), rows)
-                b = None if mod.bias is None else mod.bias.detach()
-                mod.forward = functools.partial(_packed_forward, mkldnn._linear_pointwise, w, b, mod.out_features)
+            if type(mod) is torch.nn.Linear and (forward := pack(mod.weight, mod.bias)) is not None:
+                mod.forward = forward
                 patched.append(mod)
         yield
     finally:
         for mod in patched:
             del mod.forward  # the class's forward again
-
-
-def _packed_forward(linear, weight, bias, out_features: int, x):
-    # ``linear`` is bound once per call of packed_linears: every decoded token runs this for each packed layer.
-    y = linear(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
-    return y.reshape(*x.shape[:-1], out_features)
 
 
 class LlamaStep:
@@ -232,14 +242,10 @@ class LlamaStep:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = m.layers[0].self_attn.head_dim
         self.inter = cfg.intermediate_size
-        mkldnn = getattr(torch.ops, "mkldnn", None)
-        packable = torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+        pack = _packer(rows)
 
         def prep(w):
-            if packable and min(w.shape) >= _PACK_MIN_FEATURES:
-                w = mkldnn._reorder_linear_weight(w.contiguous(), rows)
-                return functools.partial(_packed_matmul, mkldnn._linear_pointwise, w)
-            return functools.partial(self.F.linear, weight=w)
+            return pack(w) or functools.partial(self.F.linear, weight=w)
 
         self.layers = []
         for layer in m.layers:
@@ -272,11 +278,11 @@ class LlamaStep:
         linears = [inner.lm_head] + [getattr(layer.self_attn, n) for layer in m.layers for n in ("q_proj", "k_proj",
                    "v_proj", "o_proj")] + [getattr(layer.mlp, n) for layer in m.layers for n in ("gate_proj",
                    "up_proj", "down_proj")]
-        weights = {id(mod): _effective_weight(mod) for mod in linears}
-        if any(w is None for w in weights.values()) or any(
-                p.dtype != torch.float32 or p.device.type != "cpu" for p in [m.embed_tokens.weight, *weights.values()]):
+        weights = [_effective_weight(mod) for mod in linears]
+        if any(w is None for w in weights) or any(
+                p.dtype != torch.float32 or p.device.type != "cpu" for p in [m.embed_tokens.weight, *weights]):
             return None
-        return cls(inner, lambda mod: weights[id(mod)], rows)
+        return cls(inner, _effective_weight, rows)
 
     def _rms(self, h, weight, eps):
         return h * self.torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight
@@ -330,10 +336,6 @@ def _effective_weight(mod):
         return None if mod.merged_adapters else base.weight
     own = {a for a in mod.active_adapters if a in getattr(mod, "lora_A", {})}
     return base.weight if own <= set(mod.merged_adapters) else None
-
-
-def _packed_matmul(linear, weight, x):
-    return linear(x, weight, None, "none", [], "")  # any leading dimensions, as F.linear
 
 
 def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
