@@ -207,13 +207,15 @@ def test_grouped_generation_matches_plain_generate(tiny_llama):
 @pytest.mark.slow
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_groups_give_the_unpacked_logps_and_gradients(tiny_llama, attn):
-    """Each prompt once per group, completions packed behind it: same log-probs, entropies and LoRA gradients
-    as one row per completion, with left-padded prompts, completions of different lengths, an empty one."""
+    """Each prompt once per group, completions packed behind it, attention block by block: same log-probs,
+    entropies and LoRA gradients as one row per completion, with left-padded prompts, completions of different
+    lengths, an empty one; the model's attention implementation is its own again after."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from utils.training.grpo.trainer import packed_group_logps
+    from utils.training.grpo import packing
+    from utils.training.grpo.packing import packed_group_logps
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attn),
@@ -233,7 +235,14 @@ def test_packed_groups_give_the_unpacked_logps_and_gradients(tiny_llama, attn):
     logits = model(input_ids=ids, attention_mask=mask).logits[:, p_len - 1:-1].float() / temp
     ref = torch.log_softmax(logits, -1).gather(-1, ids[:, p_len:, None]).squeeze(-1)
     ref_ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
-    lp, ent = packed_group_logps(model, ids, mask, c_len, temp, attn, compute_entropy=True)
+    calls, real_attention = [], packing.block_attention
+    packing.block_attention = lambda *a, **k: calls.append(1) or real_attention(*a, **k)
+    packing._registered = False  # registers the spy
+    try:
+        lp, ent = packed_group_logps(model, ids, mask, c_len, temp, compute_entropy=True)
+    finally:
+        packing.block_attention, packing._registered = real_attention, False
+    assert len(calls) == model.config.num_hidden_layers and model.config._attn_implementation == attn
     real = mask[:, p_len:].bool()
     assert torch.allclose(lp[real], ref[real], atol=1e-4) and torch.allclose(ent[real], ref_ent[real], atol=1e-3)
     assert (lp[~real] == 0).all()
@@ -243,6 +252,11 @@ def test_packed_groups_give_the_unpacked_logps_and_gradients(tiny_llama, attn):
     g_packed = torch.autograd.grad((lp * weights).sum(), params)
     for a, b in zip(g_ref, g_packed):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+    # every completion empty: zero log-probs that still reach the weights, so that backward runs
+    mask[:, p_len:] = 0
+    lp, _ = packed_group_logps(model, ids, mask, c_len, temp)
+    assert (lp == 0).all() and lp.requires_grad
+    assert all((g == 0).all() for g in torch.autograd.grad(lp.sum(), params))
 
 
 def test_tied_groups_leave_the_loss():

@@ -5,7 +5,7 @@ weights (no adapter work per decoded token), and each prompt's prefill runs once
 ``num_generations`` completions, its KV cache then copied to the group's rows; on CPU by
 :func:`utils.models.decode.decode` (a finished completion leaves the batch), else by ``model.generate``
 (:func:`generate_grouped`). The log-probability pass
-likewise runs each group's shared prompt once. ``fast_generation: false`` / ``pack_groups: false`` restore
+likewise runs each group's shared prompt once (:mod:`utils.training.grpo.packing`). ``fast_generation: false`` / ``pack_groups: false`` restore
 TRL's own paths; vLLM, continuous batching, tools and multimodal inputs always use them.
 ``skip_tied_groups`` masks the completions of groups whose rewards all tie out of the loss.
 
@@ -22,6 +22,7 @@ from typing import Any
 
 from utils.core.config import UserError
 from utils.models import decode
+from utils.training.grpo.packing import group_rows, packed_group_logps
 from utils.training.grpo.policy import _zero3
 from utils.training.trl_compat import overrides, problems
 
@@ -98,109 +99,6 @@ def _trim_after_eos(completion_ids, eos_token_ids: list[int]) -> list[list[int]]
     seq = torch.arange(is_eos.size(1), device=completion_ids.device).expand(is_eos.size(0), -1)
     keep = seq <= eos_idx.unsqueeze(1)
     return [c[m].tolist() for c, m in zip(completion_ids.cpu(), keep.cpu())]
-
-
-def group_rows(prompt_ids, prompt_mask) -> list["Any"]:
-    """Indices of the rows that share a prompt (identical padded prompt and mask), one tensor per prompt,
-    in order of first appearance."""
-    import torch
-
-    key = torch.cat([prompt_ids, prompt_mask], dim=1)
-    _, inverse = torch.unique(key, dim=0, return_inverse=True)
-    order = list(dict.fromkeys(inverse.tolist()))
-    return [(inverse == g).nonzero().flatten() for g in order]
-
-
-def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, temperature: float,
-                       attn_implementation: str, compute_entropy: bool = False):
-    """Per-token log-probabilities (and entropies) of the completions, with each prompt run once per group.
-
-    GRPO trains on ``num_generations`` completions of the same prompt; the usual batch repeats the
-    prompt in every row and pads every completion to the longest, so most of the forward and backward
-    work goes to the same prompt tokens again and to padding. Here each group becomes one row: the
-    prompt, then its completions one after the other at their own lengths, with a block attention mask
-    (every completion sees the prompt and its own earlier tokens, never another completion) and
-    positions that restart after the prompt for each completion. The logits, and so the gradient, are
-    those of the unpacked rows (up to float rounding); the prompt's activations are computed once and
-    receive the group's summed gradient.
-
-    ``input_ids`` / ``attention_mask``: prompts (left-padded) then completions (right-padded, the last
-    ``logits_to_keep`` columns), as TRL builds them. Returns ``(logps, entropies or None)``, each
-    ``rows x logits_to_keep``, rows in the input order, 0 at padding.
-    """
-    import torch
-
-    n, width = input_ids.shape
-    c = logits_to_keep
-    p = width - c
-    device = input_ids.device
-    prompt_ids, prompt_mask = input_ids[:, :p], attention_mask[:, :p].bool()
-    comp_ids = input_ids[:, p:]
-    # A completion's real tokens are a prefix of its columns (up to and including its end token).
-    lengths = attention_mask[:, p:].sum(dim=1).tolist()
-    groups = group_rows(prompt_ids, prompt_mask.long())
-    length = p + max(sum(lengths[r] for r in g.tolist()) for g in groups)
-    packed = torch.zeros((len(groups), length), dtype=input_ids.dtype, device=device)
-    positions = torch.zeros((len(groups), length), dtype=torch.long, device=device)
-    allowed = torch.zeros((len(groups), length, length), dtype=torch.bool, device=device)
-    causal = torch.ones((max(p, c), max(p, c)), dtype=torch.bool, device=device).tril()
-    slots = []  # (group, row, start column, length)
-    for g, rows in enumerate(groups):
-        pm = prompt_mask[rows[0]]
-        packed[g, :p] = prompt_ids[rows[0]]
-        positions[g, :p] = (pm.long().cumsum(0) - 1).clamp(min=0)
-        allowed[g, :p, :p] = causal[:p, :p] & pm[None, :]
-        n_prompt = int(pm.sum())
-        start = p
-        for r in rows.tolist():
-            m = lengths[r]
-            packed[g, start:start + m] = comp_ids[r, :m]
-            positions[g, start:start + m] = n_prompt + torch.arange(m, device=device)
-            allowed[g, start:start + m, :p] = pm[None, :]
-            allowed[g, start:start + m, start:start + m] = causal[:m, :m]
-            slots.append((g, r, start, m))
-            start += m
-    # Every query sees at least itself: a padding position with nothing to attend to would give NaN.
-    allowed |= torch.eye(length, dtype=torch.bool, device=device)
-    if attn_implementation == "sdpa":
-        mask4d = allowed[:, None]
-    else:  # eager attention adds the mask to the scores
-        mask4d = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
-        mask4d = mask4d.masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
-    # Hidden states from the last prompt column on: that column predicts each completion's first token.
-    keep = torch.arange(p - 1, length, device=device)
-    # In place: the output layer's backward needs its input and weight, not its output, and a second tensor the
-    # size of all the logits (~80 MB here) costs more in fresh pages than the division itself.
-    logits = model(input_ids=packed, attention_mask=mask4d, position_ids=positions, logits_to_keep=keep,
-                   use_cache=False).logits.float().div_(temperature)
-    logps = torch.zeros((n, c), dtype=torch.float32, device=device)
-    entropies = torch.zeros((n, c), dtype=torch.float32, device=device) if compute_entropy else None
-    # Each completion token's logits row: column start + j - 1 predicts token j, for j = 0 that is the prompt's
-    # last column (logits row 0). All tokens are read with one index and one logsumexp over the whole block:
-    # slicing the logits per completion instead made every slice's backward fill a zero tensor the size of
-    # all the logits (49k x the packed length, ~80 MB), 2.5 s of a 16 s CPU step.
-    index_g, index_row, index_r, index_t = [], [], [], []
-    for g, r, start, m in slots:
-        if m == 0:
-            continue
-        index_g += [g] * m
-        index_row += [0, *range(start - p + 1, start - p + m)]
-        index_r += [r] * m
-        index_t += list(range(m))
-    if not index_r:
-        # every completion masked out (skip_tied_groups on a batch of tied groups): a zero loss that still
-        # reaches the weights, so that backward runs (and every DDP process takes part in the reduction)
-        return logps + 0.0 * logits.sum(), entropies
-    gi, ri = torch.tensor(index_g, device=device), torch.tensor(index_row, device=device)
-    ri_out, ti_out = torch.tensor(index_r, device=device), torch.tensor(index_t, device=device)
-    lse = torch.logsumexp(logits, dim=-1)  # groups x kept columns
-    lp = logits[gi, ri, comp_ids[ri_out, ti_out]] - lse[gi, ri]
-    logps = logps.index_put((ri_out, ti_out), lp)
-    if compute_entropy:
-        with torch.no_grad():
-            ent = lse - torch.einsum("glv,glv->gl", torch.softmax(logits, dim=-1), logits)
-        entropies = entropies.index_put((ri_out, ti_out), ent[gi, ri])
-    return logps, entropies
 
 
 def tied_groups(rewards, weights, num_generations: int):
@@ -304,11 +202,10 @@ def trainer_class():
             chunks.append(torch.cat(current))
             logps = torch.zeros(input_ids.size(0), logits_to_keep, device=input_ids.device)
             entropies = torch.zeros_like(logps) if compute_entropy else None
-            impl = self.model.config._attn_implementation
             for rows in chunks:
                 with self.accelerator.autocast():
                     lp, ent = packed_group_logps(model, input_ids[rows], attention_mask[rows], logits_to_keep,
-                                                 self.temperature, impl, compute_entropy)
+                                                 self.temperature, compute_entropy)
                 logps = logps.index_put((rows,), lp)
                 if compute_entropy:
                     entropies = entropies.index_put((rows,), ent)
