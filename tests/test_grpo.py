@@ -289,28 +289,39 @@ def test_tied_groups_leave_the_loss():
     assert trainer._metrics["train"]["skipped_tied_groups"] == [pytest.approx(2 / 3)] * 2
 
 
-def test_merged_adapter_round_trip(tiny_llama):
-    """Sampling with the merged adapter computes the adapter's function, and un-merging restores the weights."""
+@pytest.mark.parametrize("dora", [False, True])
+def test_merged_adapter_round_trip(tiny_llama, dora):
+    """Sampling with the merged adapter computes the adapter's function, with the weights PEFT's merge gives
+    (our fused merge for vanilla LoRA, PEFT's own for DoRA), and un-merging restores the weights."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from utils.training.grpo.trainer import merged_adapter
+    from utils.training.grpo.trainer import _plain_lora, merged_adapter
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=dora))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    lora = [m for m in model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A")]
+    assert (_plain_lora(lora) is None) == dora  # which merge runs
     x = torch.randint(10, 5000, (2, 9))
     with torch.no_grad():
         ref = model(input_ids=x).logits
         with merged_adapter(model):
-            assert all(m.merged for m in model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A"))
+            assert all(m.merged for m in lora)
             merged = model(input_ids=x).logits
+            ours = {n: p.detach().clone() for n, p in model.named_parameters() if n in before}
         after = model(input_ids=x).logits
+        assert not any(m.merged for m in lora)
+        model.merge_adapter()
+        # bit for bit for vanilla LoRA; DoRA's own round trip is exact only to rounding
+        same = torch.allclose if dora else (lambda a, b, **_: torch.equal(a, b))
+        assert all(same(p, ours[n], atol=1e-6) for n, p in model.named_parameters() if n in before)
+        model.unmerge_adapter()
     assert torch.allclose(ref, merged, atol=1e-4) and torch.allclose(ref, after, atol=1e-5)
     for n, p in model.named_parameters():
         if n in before:
