@@ -318,9 +318,9 @@ def test_merged_adapter_round_trip(tiny_llama, dora):
         after = model(input_ids=x).logits
         assert not any(m.merged for m in lora)
         model.merge_adapter()
-        # bit for bit for vanilla LoRA; DoRA's own round trip is exact only to rounding
-        same = torch.allclose if dora else (lambda a, b, **_: torch.equal(a, b))
-        assert all(same(p, ours[n], atol=1e-6) for n, p in model.named_parameters() if n in before)
+        # to rounding (a fused multiply-add may round once where PEFT rounds twice; DoRA is PEFT's own merge)
+        assert all(torch.allclose(p, ours[n], rtol=1e-6, atol=1e-7)
+                   for n, p in model.named_parameters() if n in before)
         model.unmerge_adapter()
     assert torch.allclose(ref, merged, atol=1e-4) and torch.allclose(ref, after, atol=1e-5)
     for n, p in model.named_parameters():

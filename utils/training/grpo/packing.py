@@ -115,7 +115,8 @@ _registered = False
 @contextlib.contextmanager
 def blocks_attention(model):
     """Within the block, ``model``'s attention layers run :func:`block_attention` (registered with
-    transformers once); the implementation it had is restored after."""
+    transformers once); the implementation it had is restored after. A layer that gradient checkpointing
+    recomputes in the backward pass runs that implementation with the full block mask: the same values."""
     global _registered
     from transformers import AttentionInterface
 

@@ -4,9 +4,9 @@ On the transformers generation path, completions are sampled with the LoRA updat
 weights (no adapter work per decoded token), and each prompt's prefill runs once for its group of
 ``num_generations`` completions, its KV cache then copied to the group's rows; on CPU by
 :func:`utils.models.decode.decode` (a finished completion leaves the batch), else by ``model.generate``
-(:func:`generate_grouped`). The log-probability pass
-likewise runs each group's shared prompt once (:mod:`utils.training.grpo.packing`). ``fast_generation: false`` / ``pack_groups: false`` restore
-TRL's own paths; vLLM, continuous batching, tools and multimodal inputs always use them.
+(:func:`generate_grouped`). The log-probability pass likewise runs each group's shared prompt once
+(:mod:`utils.training.grpo.packing`). ``fast_generation: false`` / ``pack_groups: false`` restore TRL's own
+paths; vLLM, continuous batching, tools and multimodal inputs always use them.
 ``skip_tied_groups`` masks the completions of groups whose rewards all tie out of the loss.
 
 The overrides are of private TRL methods (TRL gives no public hook for these); each is registered with
@@ -83,8 +83,9 @@ def _plain_lora(layers) -> list[tuple[Any, str]] | None:
 
 def _add_lora(pairs, sign: int) -> None:
     """PEFT's merge (``sign`` +1) or unmerge (-1) of vanilla LoRA adapters, as one fused ``W += s * B @ A`` a
-    layer: the same weights as PEFT's to the bit, in 0.1-0.15 s for both against PEFT's 0.38 s (SmolLM2, LoRA
-    on every linear layer, 2 threads; PEFT computes the update, scales it and adds it in three passes)."""
+    layer: PEFT's weights to rounding (bit for bit on the machine of docs/EXPERIMENTS.md), in 0.11-0.16 s for
+    both against PEFT's 0.38 s (SmolLM2, LoRA on every linear layer, 2 threads; PEFT computes the update,
+    scales it and adds it in three passes)."""
     import torch
 
     with torch.no_grad():
