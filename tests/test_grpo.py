@@ -205,11 +205,12 @@ def test_grouped_generation_matches_plain_generate(tiny_llama):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_groups_give_the_unpacked_logps_and_gradients(tiny_llama, attn):
+@pytest.mark.parametrize("attn, checkpointing", [("sdpa", False), ("eager", False), ("eager", True)])
+def test_packed_groups_give_the_unpacked_logps_and_gradients(tiny_llama, attn, checkpointing):
     """Each prompt once per group, completions packed behind it, attention block by block: same log-probs,
     entropies and LoRA gradients as one row per completion, with left-padded prompts, completions of different
-    lengths, an empty one; the model's attention implementation is its own again after."""
+    lengths, an empty one; the model's attention implementation is its own again after. With gradient
+    checkpointing (layers recomputed in backward) the model's own attention runs, with the full block mask."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -223,6 +224,10 @@ def test_packed_groups_give_the_unpacked_logps_and_gradients(tiny_llama, attn):
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+        model.train()  # transformers checkpoints only in training mode (LoRA dropout is 0)
     p_len, c_len, temp = 9, 6, 0.7
     prompts = [torch.randint(10, 5000, (n,)) for n in (7, 4, 9)]
     groups = [0, 0, 0, 1, 1, 2, 2, 1]
@@ -242,7 +247,8 @@ def test_packed_groups_give_the_unpacked_logps_and_gradients(tiny_llama, attn):
         lp, ent = packed_group_logps(model, ids, mask, c_len, temp, compute_entropy=True)
     finally:
         packing.block_attention, packing._registered = real_attention, False
-    assert len(calls) == model.config.num_hidden_layers and model.config._attn_implementation == attn
+    assert len(calls) == (0 if checkpointing else model.config.num_hidden_layers)
+    assert model.config._attn_implementation == attn
     real = mask[:, p_len:].bool()
     assert torch.allclose(lp[real], ref[real], atol=1e-4) and torch.allclose(ent[real], ref_ent[real], atol=1e-3)
     assert (lp[~real] == 0).all()

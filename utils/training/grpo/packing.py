@@ -116,7 +116,8 @@ _registered = False
 def blocks_attention(model):
     """Within the block, ``model``'s attention layers run :func:`block_attention` (registered with
     transformers once); the implementation it had is restored after. A layer that gradient checkpointing
-    recomputes in the backward pass runs that implementation with the full block mask: the same values."""
+    recomputes in the backward pass would run that one instead: :func:`packed_group_logps` does not use this
+    block then."""
     global _registered
     from transformers import AttentionInterface
 
@@ -140,7 +141,8 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
 
     ``input_ids`` / ``attention_mask``: prompts (left-padded) then completions (right-padded, the last
     ``logits_to_keep`` columns), as TRL builds them. The model's attention implementation (sdpa or eager)
-    is replaced by :func:`block_attention` for this pass. Returns ``(logps, entropies or None)``, each ``rows x logits_to_keep``, rows in
+    is replaced by :func:`block_attention` for this pass, unless the model checkpoints its layers (then its
+    own implementation runs with the full block mask). Returns ``(logps, entropies or None)``, each ``rows x logits_to_keep``, rows in
     the input order, 0 at padding.
     """
     import torch
@@ -175,18 +177,26 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
             allowed[g, start:start + m, start:start + m] = causal[:m, :m]
             slots.append((g, r, start, m))
             start += m
-    allowed |= torch.eye(length, dtype=torch.bool, device=device)  # as Blocks.prompt: a padding query sees itself
-    blocks = block_layout(torch.stack([prompt_mask[g[0]] for g in groups]),
-                          [(g, s, m) for g, _, s, m in slots if m > 0], length)
+    # Every query sees at least itself: a padding position with nothing to attend to would give NaN.
+    allowed |= torch.eye(length, dtype=torch.bool, device=device)
+    mask4d, extra, attention = allowed[:, None], {}, contextlib.nullcontext()
+    if getattr(model, "is_gradient_checkpointing", False):
+        # Checkpointed layers are recomputed in the backward pass, after this function has restored the
+        # model's own attention, and must save what the first pass saved: the full block mask throughout.
+        if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+            mask4d = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(
+                ~allowed, torch.finfo(torch.float32).min)[:, None]
+    else:  # the mask still goes along (transformers then builds none), but block_attention reads ``ecg_blocks``
+        extra["ecg_blocks"] = block_layout(torch.stack([prompt_mask[g[0]] for g in groups]),
+                                           [(g, s, m) for g, _, s, m in slots if m > 0], length)
+        attention = blocks_attention(model)
     # Hidden states from the last prompt column on: that column predicts each completion's first token.
     keep = torch.arange(p - 1, length, device=device)
     # In place: the output layer's backward needs its input and weight, not its output, and a second tensor the
     # size of all the logits (~80 MB here) costs more in fresh pages than the division itself.
-    # The full block mask goes along (a 4-D mask is what makes transformers use it as given); block_attention
-    # reads the same layout from ``ecg_blocks``.
-    with blocks_attention(model):
-        logits = model(input_ids=packed, attention_mask=allowed[:, None], position_ids=positions, logits_to_keep=keep,
-                       use_cache=False, ecg_blocks=blocks).logits.float().div_(temperature)
+    with attention:
+        logits = model(input_ids=packed, attention_mask=mask4d, position_ids=positions, logits_to_keep=keep,
+                       use_cache=False, **extra).logits.float().div_(temperature)
     logps = torch.zeros((n, c), dtype=torch.float32, device=device)
     entropies = torch.zeros((n, c), dtype=torch.float32, device=device) if compute_entropy else None
     # Each completion token's logits row: column start + j - 1 predicts token j, for j = 0 that is the prompt's
