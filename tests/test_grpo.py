@@ -328,6 +328,8 @@ def test_merged_adapter_round_trip(tiny_llama, dora):
         assert all(torch.allclose(p, ours[n], rtol=1e-6, atol=1e-7)
                    for n, p in model.named_parameters() if n in before)
         model.unmerge_adapter()
+        with merged_adapter(model):
+            model.unmerge_adapter()  # un-merged inside the block: leaving it must not subtract the update again
     assert torch.allclose(ref, merged, atol=1e-4) and torch.allclose(ref, after, atol=1e-5)
     for n, p in model.named_parameters():
         if n in before:

@@ -142,8 +142,8 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
 
     ``input_ids`` / ``attention_mask``: prompts (left-padded) then completions (right-padded, the last
     ``logits_to_keep`` columns), as TRL builds them. The model's attention implementation (sdpa or eager)
-    is replaced by :func:`block_attention` for this pass, unless the model checkpoints its layers (then its
-    own implementation runs with the full block mask). Returns ``(logps, entropies or None)``, each ``rows x logits_to_keep``, rows in
+    is replaced by :func:`block_attention` for this pass on Llama models that do not checkpoint their layers
+    (others run their own implementation with the full block mask). Returns ``(logps, entropies or None)``, each ``rows x logits_to_keep``, rows in
     the input order, 0 at padding.
     """
     import torch
@@ -184,13 +184,16 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
     inner = model  # the model under a DDP or DeepSpeed wrapper (the forward still goes through the wrapper)
     while hasattr(inner, "module"):
         inner = inner.module
-    if getattr(inner, "is_gradient_checkpointing", False):
-        # Checkpointed layers are recomputed in the backward pass, after this function has restored the
-        # model's own attention, and must save what the first pass saved: the full block mask throughout.
-        if inner.config._attn_implementation == "eager":  # eager adds the mask to the scores
-            mask4d = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(
-                ~allowed, torch.finfo(torch.float32).min)[:, None]
-    else:  # the mask still goes along (transformers then builds none), but block_attention reads ``ecg_blocks``
+    if inner.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask4d = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min)[:, None]
+    # Checkpointed layers are recomputed in the backward pass, after the model's own attention is back, and
+    # must save what the first pass saved: then the full block mask throughout. Block attention knows plain
+    # Llama attention only (no sliding window, logit soft-capping or attention sinks).
+    checkpointed = (inner.is_activation_checkpointing if hasattr(inner, "is_activation_checkpointing")
+                    else getattr(inner, "is_gradient_checkpointing", False))
+    if not checkpointed and getattr(inner.config, "model_type", None) == "llama":
+        # the mask still goes along (transformers then builds none), but block_attention reads ``ecg_blocks``
         extra["ecg_blocks"] = block_layout(torch.stack([prompt_mask[g[0]] for g in groups]),
                                            [(g, s, m) for g, _, s, m in slots if m > 0], length)
         attention = blocks_attention(inner)

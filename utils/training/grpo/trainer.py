@@ -49,7 +49,9 @@ def merged_adapter(model):
     if not ok:
         yield model
         return
-    plain = _plain_lora(layers)
+    # layer_replication shares one weight between layers: PEFT's merge handles (and refuses) that itself
+    replicated = any(getattr(c, "layer_replication", None) for c in getattr(model, "peft_config", {}).values())
+    plain = None if replicated else _plain_lora(layers)
     if plain is None:
         model.merge_adapter()
     else:
@@ -65,17 +67,23 @@ def merged_adapter(model):
 
 def _plain_lora(layers) -> list[tuple[Any, str]] | None:
     """``(layer, adapter)`` for every active adapter of ``layers`` when all are vanilla LoRA on ``nn.Linear``
-    (no DoRA or other variant, no LoRA bias, no fan-in-fan-out weights), else ``None``."""
+    (no DoRA or other variant, no LoRA bias, no fan-in-fan-out weights, no offloading hook, adapter weights in
+    the base weight's dtype and device), else ``None``."""
     import torch
     from peft.tuners.lora.layer import Linear
 
     out = []
     for m in layers:
-        if type(m) is not Linear or m.fan_in_fan_out or type(m.get_base_layer()) is not torch.nn.Linear:
+        base = m.get_base_layer()
+        if (type(m) is not Linear or m.fan_in_fan_out or type(base) is not torch.nn.Linear
+                or hasattr(base, "_hf_hook")):
             return None
         for name in m.active_adapters:
             if name in m.lora_A:
-                if name in m.lora_variant or m.lora_bias[name] or type(m.lora_A[name]) is not torch.nn.Linear:
+                a, b = m.lora_A[name], m.lora_B[name]
+                if (name in m.lora_variant or m.lora_bias[name] or type(a) is not torch.nn.Linear
+                        or any(w.dtype != base.weight.dtype or w.device != base.weight.device
+                               for w in (a.weight, b.weight))):
                     return None
                 out.append((m, name))
     return out
@@ -90,6 +98,8 @@ def _add_lora(pairs, sign: int) -> None:
 
     with torch.no_grad():
         for m, name in pairs:
+            if sign < 0 and name not in m.merged_adapters:  # un-merged meanwhile (PEFT's unmerge): nothing to undo
+                continue
             m.get_base_layer().weight.addmm_(m.lora_B[name].weight, m.lora_A[name].weight, alpha=sign * m.scaling[name])
             if sign > 0:
                 m.merged_adapters.append(name)
