@@ -241,12 +241,11 @@ def test_packed_groups_give_the_unpacked_logps_and_gradients(tiny_llama, attn, c
     ref = torch.log_softmax(logits, -1).gather(-1, ids[:, p_len:, None]).squeeze(-1)
     ref_ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
     calls, real_attention = [], packing.block_attention
-    packing.block_attention = lambda *a, **k: calls.append(1) or real_attention(*a, **k)
-    packing._registered = False  # registers the spy
+    packing.block_attention = lambda *a, **k: calls.append(1) or real_attention(*a, **k)  # registered per pass
     try:
         lp, ent = packed_group_logps(model, ids, mask, c_len, temp, compute_entropy=True)
     finally:
-        packing.block_attention, packing._registered = real_attention, False
+        packing.block_attention = real_attention
     assert len(calls) == (0 if checkpointing else model.config.num_hidden_layers)
     assert model.config._attn_implementation == attn
     real = mask[:, p_len:].bool()

@@ -93,38 +93,30 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
     p, (n, m) = b.p, b.comp_cols.shape
     out_p = sdpa(query[:, :, :p], key[:, :, :p], value[:, :, :p], attn_mask=b.prompt[:, None], dropout_p=dropout,
                  scale=scaling, enable_gqa=gqa)  # [groups, heads, p, dim]
-    if n == 0:  # every completion empty
-        rows = out_p.transpose(1, 2).reshape(groups * p, heads * dim)
-        return rows.index_select(0, b.out_index).view(groups, length, heads, dim), None
-    flat = (b.comp_cols + (b.comp_group * length)[:, None]).flatten()
+    rows = out_p.transpose(1, 2).reshape(groups * p, heads * dim)
+    if n:  # else every completion is empty
+        flat = (b.comp_cols + (b.comp_group * length)[:, None]).flatten()
 
-    def own(t):  # [groups, h, length, dim] -> each completion's columns, [n, h, m, dim]
-        rows = t.transpose(1, 2).reshape(groups * length, t.shape[1], dim).index_select(0, flat)
-        return rows.view(n, m, -1, dim).transpose(1, 2)
+        def own(t):  # [groups, h, length, dim] -> each completion's columns, [n, h, m, dim]
+            cols = t.transpose(1, 2).reshape(groups * length, t.shape[1], dim).index_select(0, flat)
+            return cols.view(n, m, -1, dim).transpose(1, 2)
 
-    k = torch.cat([key[:, :, :p].index_select(0, b.comp_group), own(key)], dim=2)
-    v = torch.cat([value[:, :, :p].index_select(0, b.comp_group), own(value)], dim=2)
-    out_c = sdpa(own(query), k, v, attn_mask=b.comp, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
-    rows = torch.cat([out_p.transpose(1, 2).reshape(groups * p, heads * dim),
-                      out_c.transpose(1, 2).reshape(n * m, heads * dim)])
+        k = torch.cat([key[:, :, :p].index_select(0, b.comp_group), own(key)], dim=2)
+        v = torch.cat([value[:, :, :p].index_select(0, b.comp_group), own(value)], dim=2)
+        out_c = sdpa(own(query), k, v, attn_mask=b.comp, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+        rows = torch.cat([rows, out_c.transpose(1, 2).reshape(n * m, heads * dim)])
     return rows.index_select(0, b.out_index).view(groups, length, heads, dim), None
-
-
-_registered = False
 
 
 @contextlib.contextmanager
 def blocks_attention(model):
     """Within the block, ``model``'s attention layers run :func:`block_attention` (registered with
-    transformers once); the implementation it had is restored after. A layer that gradient checkpointing
+    transformers' AttentionInterface, a dict update); the implementation it had is restored after. A layer that gradient checkpointing
     recomputes in the backward pass would run that one instead: :func:`packed_group_logps` does not use this
     block then."""
-    global _registered
     from transformers import AttentionInterface
 
-    if not _registered:
-        AttentionInterface.register(BLOCK_ATTENTION, block_attention)
-        _registered = True
+    AttentionInterface.register(BLOCK_ATTENTION, block_attention)
     config = model.config
     before = config._attn_implementation
     config._attn_implementation = BLOCK_ATTENTION
@@ -143,8 +135,8 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
     ``input_ids`` / ``attention_mask``: prompts (left-padded) then completions (right-padded, the last
     ``logits_to_keep`` columns), as TRL builds them. The model's attention implementation (sdpa or eager)
     is replaced by :func:`block_attention` for this pass on Llama models that do not checkpoint their layers
-    (others run their own implementation with the full block mask). Returns ``(logps, entropies or None)``, each ``rows x logits_to_keep``, rows in
-    the input order, 0 at padding.
+    (others run their own implementation with the full block mask). Returns ``(logps, entropies or None)``,
+    each ``rows x logits_to_keep``, rows in the input order, 0 at padding.
     """
     import torch
 
@@ -181,9 +173,10 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
     # Every query sees at least itself: a padding position with nothing to attend to would give NaN.
     allowed |= torch.eye(length, dtype=torch.bool, device=device)
     mask4d, extra, attention = allowed[:, None], {}, contextlib.nullcontext()
-    inner = model  # the model under a DDP or DeepSpeed wrapper (the forward still goes through the wrapper)
-    while hasattr(inner, "module"):
-        inner = inner.module
+    from accelerate.utils import extract_model_from_parallel
+
+    # the model under a DDP or DeepSpeed wrapper (the forward still goes through the wrapper)
+    inner = extract_model_from_parallel(model, keep_fp32_wrapper=True)
     if inner.config._attn_implementation == "eager":  # eager adds the mask to the scores
         mask4d = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(
             ~allowed, torch.finfo(torch.float32).min)[:, None]
