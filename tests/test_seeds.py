@@ -95,3 +95,20 @@ def test_bad_input_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "scripts/seed_table.py", str(tmp_path / "none")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not found" in r.stderr
+
+
+def test_a_pipeline_report_compares_grpo_alone_and_runs_can_be_named(tmp_path):
+    """`make demo`'s report holds base, sft and rlhf: the untrained base is no seed run (no pooled row of
+    base and GRPO); --runs picks models, and a name the report lacks is refused with the valid ones."""
+    up = {"rouge": 0.05, "bleu1": 0.05, "total": 0.05}
+    report = _report(tmp_path, {"base": {m: -0.1 for m in METRICS}, "rlhf": up},
+                     {"sft": 0.45, "base": 0.3, "rlhf": 0.5}, {"rlhf": (0.01, 0.002)})
+    results, _ = seed_results(report)
+    assert [r.name for r in results] == ["rlhf"] and results[0].passes
+    assert [r.name for r in seed_results(report, runs=["base", "rlhf"])[0]] == ["base", "rlhf", "pooled"]
+    assert [r.name for r in seed_results(report, baseline="base")[0]] == ["sft", "rlhf", "pooled"]
+    with pytest.raises(UserError, match=r"runs s42: expected models of the report other than .*\(base, rlhf\)"):
+        seed_results(report, runs=["s42"])
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "seed_table.py"), str(report), "--runs", "rlhf"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| rlhf |" in out and "| base |" not in out and "pooled" not in out

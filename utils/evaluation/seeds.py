@@ -89,15 +89,24 @@ def _check(r: RunResult, base_balanced: float | None, alpha: float) -> dict[str,
     return checks
 
 
-def seed_results(report: str | Path, baseline: str = "sft", alpha: float = 0.05) -> tuple[list[RunResult], dict]:
-    """Each run of the report against ``baseline``, then the pooled runs; and the report's metrics.json."""
+def seed_results(report: str | Path, baseline: str = "sft", alpha: float = 0.05,
+                 runs: list[str] | None = None) -> tuple[list[RunResult], dict]:
+    """Each run of the report against ``baseline``, then the pooled runs; and the report's metrics.json.
+    ``runs``: the models to compare (default: every model but the baseline and, unless it is the baseline,
+    the untrained ``base``, which a pipeline report holds beside SFT and GRPO but no seed pool should)."""
     report = Path(report)
     meta = _read(report / "metrics.json")
     names = [m["name"] for m in meta.get("models", [])]
     if baseline not in names:
         raise UserError(f"{report / 'metrics.json'}: no model {baseline!r} (models: {', '.join(names)}); "
                         f"set --baseline")
-    runs = [n for n in names if n != baseline]
+    if runs:
+        unknown = [n for n in runs if n not in names or n == baseline]
+        if unknown:
+            raise UserError(f"{report / 'metrics.json'}: runs {', '.join(unknown)}: expected models of the report "
+                            f"other than the baseline {baseline!r} ({', '.join(n for n in names if n != baseline)})")
+    else:
+        runs = [n for n in names if n not in (baseline, "base")]
     if not runs:
         raise UserError(f"{report / 'metrics.json'}: only {baseline!r} was evaluated; evaluate the runs beside it")
     paths = {m["name"]: m.get("path") for m in meta["models"]}
@@ -150,10 +159,10 @@ def _cell(d: dict | None) -> str:
     return f"{d['mean']:+.3f} (p {p:.3f})" if p >= 0.001 else f"{d['mean']:+.3f} (p < 0.001)"
 
 
-def seed_table(report: str | Path, baseline: str = "sft", alpha: float = 0.05) -> str:
+def seed_table(report: str | Path, baseline: str = "sft", alpha: float = 0.05, runs: list[str] | None = None) -> str:
     """A markdown table: each run's paired difference from the baseline on the benchmark metrics and the
     reward mix (with p), balanced yes/no accuracy, held-out gain over step noise, and which checks fail."""
-    results, meta = seed_results(report, baseline, alpha)
+    results, meta = seed_results(report, baseline, alpha, runs)
     base_bal = (meta["summary"].get("balanced_accuracy", {}).get(baseline) or {}).get("all")
     head = ["run", *COLUMNS.values(), "balanced yes/no", "held-out gain / noise", f"meets the bar (p < {alpha})"]
     lines = [f"{meta.get('items', '?')} test items; differences are run - {baseline} "
