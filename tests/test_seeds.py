@@ -109,6 +109,6 @@ def test_a_pipeline_report_compares_grpo_alone_and_runs_can_be_named(tmp_path):
     assert [r.name for r in seed_results(report, baseline="base")[0]] == ["sft", "rlhf", "pooled"]
     with pytest.raises(UserError, match=r"runs s42: expected models of the report other than .*\(base, rlhf\)"):
         seed_results(report, runs=["s42"])
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "seed_table.py"), str(report), "--runs", "rlhf"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "scripts/seed_table.py", str(report), "--runs", "rlhf"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, timeout=300).stdout
     assert "| rlhf |" in out and "| base |" not in out and "pooled" not in out
