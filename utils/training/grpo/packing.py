@@ -111,9 +111,9 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
 @contextlib.contextmanager
 def blocks_attention(model):
     """Within the block, ``model``'s attention layers run :func:`block_attention` (registered with
-    transformers' AttentionInterface, a dict update); the implementation it had is restored after. A layer that gradient checkpointing
-    recomputes in the backward pass would run that one instead: :func:`packed_group_logps` does not use this
-    block then."""
+    transformers' AttentionInterface, a dict update); the implementation it had is restored after. A layer
+    that gradient checkpointing recomputes in the backward pass would run that one instead:
+    :func:`packed_group_logps` does not use this block then."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(BLOCK_ATTENTION, block_attention)
