@@ -257,6 +257,11 @@ def test_packed_groups_give_the_unpacked_logps_and_gradients(tiny_llama, attn, c
     g_packed = torch.autograd.grad((lp * weights).sum(), params)
     for a, b in zip(g_ref, g_packed):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+    # under bf16 autocast (precision: bf16 on a CPU): fp32 results near the fp32 ones
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp16, ent16 = packed_group_logps(model, ids, mask, c_len, temp, compute_entropy=True)
+    assert lp16.dtype == ent16.dtype == torch.float32
+    assert torch.allclose(lp16[real], ref[real], atol=0.1) and torch.allclose(ent16[real], ref_ent[real], atol=0.1)
     # every completion empty: zero log-probs that still reach the weights, so that backward runs
     mask[:, p_len:] = 0
     lp, _ = packed_group_logps(model, ids, mask, c_len, temp)

@@ -226,5 +226,6 @@ def packed_group_logps(model, input_ids, attention_mask, logits_to_keep: int, te
     if compute_entropy:
         with torch.no_grad():
             ent = -torch.einsum("glv,glv->gl", log_probs.exp(), log_probs)
-        entropies = entropies.index_put((ri_out, ti_out), ent[gi, ri])
+        # under bf16 autocast (precision: bf16) the product comes back in bf16; the entropies stay fp32
+        entropies = entropies.index_put((ri_out, ti_out), ent[gi, ri].to(entropies.dtype))
     return logps, entropies
