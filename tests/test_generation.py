@@ -264,3 +264,54 @@ def test_decoder_runs_an_adapter_merged_or_falls_back_to_the_model_forward(tmp_p
     assert (stats.step, out) == ("llama", expected)
     model.disable_adapter_layers()  # the base alone: no adapter applies, nothing merged
     assert dec.LlamaStep.build(model, 3) is not None
+
+
+def test_bf16_products_round_only_the_matrix_products(tmp_path):
+    """decode_dtype bfloat16: every product of the written-out step (and of packed_linears) takes fp32 in and
+    gives fp32 out, computed from bf16 copies; logits stay within bf16 rounding of the fp32 step's, the
+    decoder says which dtype it multiplied in, and the config's choices map as documented."""
+    import pytest
+    import torch
+
+    import utils.models.decode as dec
+
+    net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 64))
+    x = torch.randn(3, 256)
+    with torch.no_grad(), dec.packed_linears(net, rows=3, dtype=torch.bfloat16):
+        out = net(x)
+    with torch.no_grad():
+        h = torch.nn.functional.linear(x.bfloat16(), net[0].weight.bfloat16(), net[0].bias.bfloat16()).float()
+        want = torch.nn.functional.linear(h.bfloat16(), net[1].weight.bfloat16(), net[1].bias.bfloat16()).float()
+    assert out.dtype == torch.float32 and torch.allclose(out, want, atol=2e-2, rtol=2e-2)
+    assert not any("forward" in vars(m) for m in net)
+
+    model, tok = _wide_llama(tmp_path / "wide")
+    ids = _encode(tok, MORE[:3])
+    kw = dict(max_new_tokens=6, stop_ids=[-1], pad_id=tok.pad_token_id, max_rows=3)
+    calls, undo = _spy(dec, "_in_dtype")
+    try:
+        out16, stats16 = dec.decode(model, ids, matmul_dtype=torch.bfloat16, **kw)
+    finally:
+        undo()
+    _, stats32 = dec.decode(model, ids, **kw)
+    assert (stats16.step, stats16.matmul, stats32.matmul) == ("llama", "bfloat16", "float32")
+    assert calls and [len(o) for o in out16] == [6, 6, 6]
+    # one step's logits, fp32 against bf16 products: close in the way bf16 rounding allows
+    prompt = torch.tensor([ids[0]])
+    with torch.inference_mode():
+        logits = {}
+        for dt in (None, torch.bfloat16):
+            step = dec.LlamaStep.build(model, 1, dt)
+            cache = dec._cache(model.config.num_hidden_layers)
+            shape = (1, step.kv_heads, prompt.shape[1], step.head_dim)
+            for layer in cache.layers:
+                layer.set(torch.empty(shape), torch.empty(shape), 0)
+            logits[dt] = step(prompt, torch.arange(prompt.shape[1])[None], cache.layers, 0,
+                              torch.ones_like(prompt, dtype=torch.bool))
+    assert logits[torch.bfloat16].dtype == torch.float32
+    err = (logits[torch.bfloat16] - logits[None]).norm() / logits[None].norm()
+    assert 0 < err < 0.05, err
+    assert dec.matmul_dtype("model") is None and dec.matmul_dtype("bfloat16") is torch.bfloat16
+    assert dec.matmul_dtype("auto") in (None, torch.bfloat16)
+    with pytest.raises(ValueError, match="expected one of model, bfloat16, auto"):
+        dec.matmul_dtype("fp8")

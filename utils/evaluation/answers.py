@@ -203,7 +203,8 @@ def generate_answers(spec: ModelSpec, rows: list[dict], cfg: EvalConfig, state=N
             outs = generation.generate(model, tok, [prompts[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
                                        batch_size=cfg.batch_size, do_sample=cfg.do_sample,
                                        temperature=cfg.temperature, top_p=cfg.top_p,
-                                       seed=cfg.seed + c * world + rank if cfg.do_sample else None)
+                                       seed=cfg.seed + c * world + rank if cfg.do_sample else None,
+                                       decode_dtype=cfg.decode_dtype)
             run.new_tokens += generation.last_stats.new_tokens
             done = [(keys[i], rows[i]["id"], o) for i, o in zip(idx, outs)]
             cache.add(done)

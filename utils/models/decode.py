@@ -91,6 +91,7 @@ class DecodeStats:
     row_steps: int = 0         # rows x steps summed: decoding work done (== new_tokens minus first tokens)
     prefills: int = 0          # prefill forward passes (one per admission of waiting prompts)
     step: str = ""             # what ran a decode step: "llama" (LlamaStep) or "model" (the model's forward)
+    matmul: str = ""           # the dtype of the matrix products: the weights' own, or bfloat16
     seconds: float = 0.0
 
 
@@ -178,14 +179,35 @@ def pick_tokens(logits, do_sample: bool, temperature: float = 1.0, top_k: int | 
 _PACK_MIN_FEATURES = 256
 
 
-def _packer(rows: int):
+def _packer(rows: int, dtype=None):
     """``pack(weight, bias=None)``: a function multiplying by a copy of ``weight`` that oneDNN has reordered
     for ``rows`` rows (``torch.ops.mkldnn._linear_pointwise``, what torch.compile's CPU freezing uses), or
-    ``None`` where that does not apply: oneDNN missing, not fp32 on the CPU, or too small to gain."""
+    ``None`` where that does not apply: oneDNN missing, not fp32 on the CPU, or too small to gain.
+
+    ``dtype`` bfloat16: the copy is bf16 (packed where oneDNN does bf16, else a plain bf16 product) and the
+    function takes and returns fp32, so that only the matrix products round to bf16; it never returns
+    ``None``. On a CPU with AMX a bf16 product at decode sizes is 2-4x faster than the fp32 one
+    (docs/EXPERIMENTS.md); on one without native bf16 it is slower."""
     import torch
 
     mkldnn = getattr(torch.ops, "mkldnn", None)
-    if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")):
+    can_pack = torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+    if dtype == torch.bfloat16:
+        can_pack = can_pack and mkldnn._is_mkldnn_bf16_supported()
+
+        def pack_bf16(weight, bias=None):
+            w = weight.detach().to(torch.bfloat16).contiguous()
+            b = None if bias is None else bias.detach().to(torch.bfloat16)
+            if can_pack and min(w.shape) >= _PACK_MIN_FEATURES:
+                product = functools.partial(_packed_matmul, mkldnn._linear_pointwise,
+                                            mkldnn._reorder_linear_weight(w, rows), b)
+            else:
+                product = functools.partial(torch.nn.functional.linear, weight=w, bias=b)
+            return functools.partial(_in_dtype, product, torch.bfloat16)
+        return pack_bf16
+    if dtype not in (None, torch.float32):
+        raise ValueError(f"matmul dtype {dtype}: expected None, torch.float32 or torch.bfloat16")
+    if not can_pack:
         return lambda weight, bias=None: None
 
     def pack(weight, bias=None):
@@ -203,15 +225,38 @@ def _packed_matmul(linear, weight, bias, x):
     return linear(x, weight, bias, "none", [], "")  # any leading dimensions, as F.linear
 
 
+def _in_dtype(product, dtype, x):
+    return product(x.to(dtype)).to(x.dtype)
+
+
+def matmul_dtype(choice: str):
+    """The dtype :func:`decode` multiplies in for a config's ``decode_dtype``: ``None`` (the weights' own) for
+    ``model``, bf16 for ``bfloat16``, and for ``auto`` bf16 where the CPU has AMX (bf16 products 2-4x faster than
+    fp32 at decode sizes, measured) and the weights' own elsewhere (without native bf16 they are slower)."""
+    import torch
+
+    if choice == "model":
+        return None
+    if choice == "bfloat16":
+        return torch.bfloat16
+    if choice == "auto":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return torch.bfloat16 if amx is not None and amx() else None
+    raise ValueError(f"decode_dtype {choice!r}: expected one of {', '.join(DECODE_DTYPES)}")
+
+
+DECODE_DTYPES = ("model", "bfloat16", "auto")
+
+
 @contextlib.contextmanager
-def packed_linears(model, rows: int):
+def packed_linears(model, rows: int, dtype=None):
     """Within the block, every ``nn.Linear`` of ``model`` that :func:`_packer` packs multiplies with its
-    oneDNN-packed copy. Logits differ from the plain matmul's by rounding only (~1e-5); the copies cost the
+    oneDNN-packed copy (bf16 products with ``dtype`` bfloat16). Logits differ from the plain matmul's by rounding only (~1e-5); the copies cost the
     weights' size in memory while the block runs, and ~0.2 s to make for a 135M model. Other layers run as
     they are. Inference only: the packed weight is a snapshot, not a parameter."""
     import torch
 
-    pack, patched = _packer(rows), []
+    pack, patched = _packer(rows, dtype), []
     try:
         for mod in model.modules():
             if type(mod) is torch.nn.Linear and (forward := pack(mod.weight, mod.bias)) is not None:
@@ -233,7 +278,7 @@ class LlamaStep:
     (other architectures, biases, an unmerged adapter, non-fp32 weights): the engine then runs the model's
     forward, which is always right; this is only faster."""
 
-    def __init__(self, inner, weight, rows: int):
+    def __init__(self, inner, weight, rows: int, dtype=None):
         import torch
 
         cfg, m = inner.config, inner.model
@@ -242,7 +287,7 @@ class LlamaStep:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = m.layers[0].self_attn.head_dim
         self.inter = cfg.intermediate_size
-        pack = _packer(rows)
+        pack = _packer(rows, dtype)
 
         def prep(w):
             return pack(w) or functools.partial(self.F.linear, weight=w)
@@ -260,8 +305,9 @@ class LlamaStep:
         self.embed, self.head = m.embed_tokens.weight, prep(weight(inner.lm_head))
 
     @classmethod
-    def build(cls, model, rows: int) -> "LlamaStep | None":
-        """The step for ``model`` decoding ``rows`` rows at most, or ``None`` when it does not apply."""
+    def build(cls, model, rows: int, dtype=None) -> "LlamaStep | None":
+        """The step for ``model`` decoding ``rows`` rows at most (its matrix products in ``dtype``, default the
+        weights' fp32), or ``None`` when it does not apply."""
         import torch
         from transformers.models.llama import modeling_llama as ml
 
@@ -282,7 +328,7 @@ class LlamaStep:
         if any(w is None for w in weights) or any(
                 p.dtype != torch.float32 or p.device.type != "cpu" for p in [m.embed_tokens.weight, *weights]):
             return None
-        return cls(inner, _effective_weight, rows)
+        return cls(inner, _effective_weight, rows, dtype)
 
     def _rms(self, h, weight, eps):
         return h * self.torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight
@@ -550,11 +596,13 @@ class _Engine:
 
 def decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
            max_rows: int = 16, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float = 1.0, generator=None, progress: bool = False) -> tuple[list[list[int]], DecodeStats]:
+           top_p: float = 1.0, generator=None, progress: bool = False,
+           matmul_dtype=None) -> tuple[list[list[int]], DecodeStats]:
     """Completions of ``prompts`` (token ids, no padding), each up to and including its first stop token or
     ``max_new_tokens`` long, in the prompts' order; at most ``max_rows`` decoded together. Greedy unless
     ``do_sample``. The caller has checked :func:`supported` and puts the model in eval mode. ``progress`` logs
-    the completions done and tokens/s about every 30 seconds."""
+    the completions done and tokens/s about every 30 seconds. ``matmul_dtype`` bfloat16 (:func:`matmul_dtype`)
+    rounds the fp32 weights and the inputs of every matrix product to bf16; the rest stays fp32."""
     import torch
 
     started = time.time()
@@ -568,11 +616,12 @@ def decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop
 
     rows = min(max_rows, len(prompts))
     with torch.inference_mode():
-        fast = LlamaStep.build(model, rows)
+        fast = LlamaStep.build(model, rows, matmul_dtype)
     # The written-out step has its own packed weights; other models pack their layers in place.
-    with torch.inference_mode(), (contextlib.nullcontext() if fast else packed_linears(model, rows)):
+    with torch.inference_mode(), (contextlib.nullcontext() if fast else packed_linears(model, rows, matmul_dtype)):
         engine = _Engine(model, [list(p) for p in prompts], max_new_tokens, stop_ids, pad_id, max_rows, pick, fast)
         engine.progress = progress
+        engine.stats.matmul = str(matmul_dtype or next(model.parameters()).dtype).removeprefix("torch.")
         out = engine.run()
     engine.stats.seconds = time.time() - started
     return out, engine.stats

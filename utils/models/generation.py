@@ -56,13 +56,15 @@ last_stats = GenerationStats()
 
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int = 128, batch_size: int = 8,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
-             num_return_sequences: int = 1, seed: int | None = None, progress: bool = False) -> list:
+             num_return_sequences: int = 1, seed: int | None = None, progress: bool = False,
+             decode_dtype: str = "model") -> list:
     """Generate one completion per prompt (or a list of ``num_return_sequences`` per prompt).
 
     ``prompts`` are conversations (lists of ``{"role", "content"}``) ending with a user turn; a special-token
     string inside a message is read as text, never as the special token.
     Greedy unless ``do_sample``; ``seed`` makes sampling repeatable. The model is put in eval mode and
-    run without gradients; its training flag is restored afterwards.
+    run without gradients; its training flag is restored afterwards. ``decode_dtype`` (model, bfloat16, auto:
+    :func:`utils.models.decode.matmul_dtype`) is the CPU decoder's matrix-product dtype.
     """
     import torch
 
@@ -99,7 +101,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
             new, dstats = decode.decode(model, [encoded[i] for i in rows], max_new_tokens=max_new_tokens,
                                         stop_ids=stops, pad_id=pad_id, max_rows=batch_size * num_return_sequences,
                                         do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                                        progress=progress)
+                                        progress=progress, matmul_dtype=decode.matmul_dtype(decode_dtype))
             stats.new_tokens = dstats.new_tokens
             texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
             for k, i in enumerate(order):

@@ -94,7 +94,8 @@ class HeldOutReward(_Callback):
                                          gradient_checkpointing_kwargs=tr.args.gradient_checkpointing_kwargs) as m, \
                 merged_adapter(m):
             answers = generate(m, self.tok, prompts, max_new_tokens=self.max_new_tokens,
-                               batch_size=self.cfg.eval_batch_size or self.cfg.per_device_batch_size)[:len(shard)]
+                               batch_size=self.cfg.eval_batch_size or self.cfg.per_device_batch_size,
+                               decode_dtype=self.cfg.decode_dtype)[:len(shard)]
         scores = self.cfg.score(answers, shard) if shard else []
         results = gather_object([{"id": r["id"], "task": r["task"], "answer": a, "scores": s}
                                  for r, a, s in zip(shard, answers, scores)])

@@ -86,6 +86,7 @@ def build_trainer(cfg: GRPOTrainConfig, train_rows: list[dict], args=None):
                   processing_class=tok, peft_config=peft_config)
     if cls is trainer_class():
         trainer.fast_generation, trainer.pack_groups = cfg.fast_generation, cfg.pack_groups
+        trainer.decode_dtype = cfg.decode_dtype
         trainer.skip_tied_groups = cfg.skip_tied_groups
     return trainer, base_ref
 

@@ -203,6 +203,7 @@ def trainer_class():
         docstring; vLLM, continuous batching, tools and multimodal inputs keep TRL's own paths."""
 
         fast_generation = True
+        decode_dtype = "model"
         pack_groups = True
         skip_tied_groups = False
         _rewards_seen = None
@@ -300,7 +301,8 @@ def trainer_class():
                                            stop_ids=self.eos_token_ids, pad_id=self._tokenizer.pad_token_id,
                                            max_rows=len(prompt_ids), do_sample=cfg.do_sample,
                                            temperature=cfg.temperature or 1.0, top_k=cfg.top_k,
-                                           top_p=cfg.top_p if cfg.top_p is not None else 1.0)
+                                           top_p=cfg.top_p if cfg.top_p is not None else 1.0,
+                                           matmul_dtype=decode.matmul_dtype(self.decode_dtype))
                     return ids, None
                 new = generate_grouped(unwrapped, prompt_ids, self.generation_config, self._tokenizer.pad_token_id)
             return _trim_after_eos(new, self.eos_token_ids), None
