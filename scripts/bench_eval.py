@@ -3,6 +3,7 @@
 Usage:
     python scripts/bench_eval.py                                    # CPU recipe, base model, 16 questions
     python scripts/bench_eval.py --model sft --n 32 --batch-sizes 8,16,32
+    python scripts/bench_eval.py --model sft --n 96 --decode-dtype bfloat16   # bf16 products (CPUs with AMX)
     python scripts/bench_eval.py --config configs/llama-3.2-3b/eval.yaml --n 128 --batch-sizes 32,64
 
 Generates fresh answers (the cache is neither read nor written) for the first N questions of the
@@ -32,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", default="", help="comma-separated; default: the recipe's batch_size")
     p.add_argument("--max-new-tokens", type=int, default=0, help="default: the recipe's")
     p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads; default: the recipe's")
+    p.add_argument("--decode-dtype", default="", help="model, bfloat16 or auto (the CPU decoder's matrix products); "
+                   "default: the recipe's")
     args = p.parse_args(argv)
     setup_logging("WARNING")
     return guarded(lambda: bench(args))
@@ -43,7 +46,7 @@ def bench(args) -> int:
     from utils.evaluation.answers import prompt_for, resolve_models
     from utils.evaluation.config import EvalConfig, load_items
     from utils.evaluation.metrics import reward_model_status, score_answers
-    from utils.models import generation
+    from utils.models import decode, generation
     from utils.rewards.overlap import load_wordnet
 
     over = {"models": [args.model], "limit": args.n, "per_task": 0}
@@ -51,6 +54,8 @@ def bench(args) -> int:
         over["max_new_tokens"] = args.max_new_tokens
     if args.num_threads:
         over["num_threads"] = args.num_threads
+    if args.decode_dtype:
+        over["decode_dtype"] = args.decode_dtype
     cfg = load_config(EvalConfig, args.config, over)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -68,19 +73,23 @@ def bench(args) -> int:
     model, tok = load_for_inference(spec.path, cfg.base_model, dtype=cfg.dtype)
     print(f"load: {time.time() - t0:.1f} s")
     weight = next(model.parameters())
-    bound = machine_bound(weight.dtype, weight.device.type)
-    print(f"measured: {bound['bandwidth_gb_s']} GB/s copy, {bound['matmul_gflop_s']} GFLOP/s matmul")
+    # the bound in the dtype the decoder multiplies in (decode_dtype bfloat16: bf16 products of fp32 weights)
+    gen_dtype = (decode.matmul_dtype(cfg.decode_dtype) if weight.device.type == "cpu" else None) or weight.dtype
+    bound = machine_bound(gen_dtype, weight.device.type)
+    print(f"measured: {bound['bandwidth_gb_s']} GB/s copy, {bound['matmul_gflop_s']} GFLOP/s matmul "
+          f"({str(gen_dtype).removeprefix('torch.')})")
     answers, best = None, 0.0
     print(f"{'batch':>5}  {'answers':>7}  {'seconds':>7}  {'answers/s':>9}  {'tokens/s':>8}  {'tokens/answer':>13}  "
           f"{'bound tok/s':>11}  {'of bound':>8}  engine")
     for bs in sizes:
         t0 = time.time()
         answers = generation.generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=bs,
-                                      do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p)
+                                      do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
+                                      decode_dtype=cfg.decode_dtype)
         dt = time.time() - t0
         st = generation.last_stats
         best = max(best, len(prompts) / dt)
-        tps_bound = decode_bound(model, bs, bound)
+        tps_bound = decode_bound(model, bs, bound, gen_dtype)
         print(f"{bs:>5}  {len(prompts):>7}  {dt:>7.1f}  {len(prompts) / dt:>9.2f}  {st.new_tokens / dt:>8.0f}  "
               f"{st.new_tokens / len(prompts):>13.1f}  {tps_bound:>11.0f}  {st.new_tokens / dt / tps_bound:>8.0%}  "
               f"{st.engine}")

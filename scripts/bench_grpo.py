@@ -42,6 +42,7 @@ from pathlib import Path
 from utils.core.cli import guarded, setup_logging
 from utils.core.config import UserError, load_config
 from utils.core.runtime import configure_process, decode_bound, machine_bound
+from utils.models.decode import matmul_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,7 +176,11 @@ def worker(args) -> dict:
         model = trainer.model
         weight = next(model.parameters())
         dtype = weight.dtype
-        bound = machine_bound(dtype, weight.device.type)
+        # The bound in the dtype generation multiplies in: ours, the decoder's (decode_dtype); plain TRL, bf16
+        # under its autocast
+        gen_dtype = (matmul_dtype(cfg.decode_dtype) if side == "ours" else
+                     torch.bfloat16 if trainer.args.bf16 else None) or dtype
+        bound = machine_bound(gen_dtype, weight.device.type)
         meter = Meter(trainer, args.warmup)
         trainer.train()
         hist = [h for h in trainer.state.log_history if "reward" in h and h.get("step", 0) > args.warmup]
@@ -185,11 +190,12 @@ def worker(args) -> dict:
     wall = sum(meter.step_s)
     rows_per_call = meter.rows / max(meter.calls, 1)
     gen_tps = meter.tokens / meter.gen_s if meter.gen_s else 0.0
-    tps_bound = decode_bound(model, rows_per_call, bound)
+    tps_bound = decode_bound(model, rows_per_call, bound, gen_dtype)
     return {
         "side": side, "steps": steps, "completions_per_step": per_step, "per_device_batch": targs.per_device_train_batch_size,
         "gradient_checkpointing": bool(targs.gradient_checkpointing), "bf16": bool(targs.bf16),
-        "model_dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "model_dtype": str(dtype).replace("torch.", ""), "bound_dtype": str(gen_dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
         "samples_per_s": per_step * steps / wall if wall else 0.0,
         "samples_per_cpu_s": per_step * steps / meter.cpu_s if meter.cpu_s else 0.0,
         "step_s": wall / steps if steps else 0.0,
@@ -216,7 +222,7 @@ ROWS = [("completions per optimizer step", "completions_per_step", "{:.0f}"),
         ("tokens/s bound (bandwidth, FLOP/s)", "bound_tokens_per_s", "{:.0f}"),
         ("tokens/s as fraction of bound", "gen_fraction_of_bound", "{:.0%}"),
         ("peak RSS (MiB)", "peak_rss_mb", "{:.0f}"), ("mean reward (measured steps)", "mean_reward", "{:.3f}"),
-        ("measured bandwidth GB/s / matmul GFLOP/s", None, None), ("OpenMP wait policy", None, None)]
+        ("measured bandwidth GB/s / matmul GFLOP/s (dtype)", None, None), ("OpenMP wait policy", None, None)]
 
 
 def report(results: dict[str, dict]) -> str:
@@ -231,7 +237,8 @@ def report(results: dict[str, dict]) -> str:
             elif label.startswith("OpenMP"):
                 vals = [str(r.get("omp_wait_policy", "n/a")) for r in results.values()]
             else:
-                vals = [f"{r['bandwidth_gb_s']} / {r['matmul_gflop_s']}" for r in results.values()]
+                vals = [f"{r['bandwidth_gb_s']} / {r['matmul_gflop_s']} ({r.get('bound_dtype', '?')})"
+                        for r in results.values()]
             lines.append(f"| {label} | " + " | ".join(vals) + (" | |" if len(sides) == 2 else " |"))
             continue
         vals = [r.get(key) for r in results.values()]

@@ -637,3 +637,23 @@ def test_the_score_key_follows_what_a_score_depends_on(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(fingerprint, "source_sha256", lambda: "other code")
     assert _scoring_key(["A."], rows, "plain", cfg, None) != key
+
+
+@pytest.mark.slow
+def test_bench_eval_measures_against_the_bound_of_the_decode_dtype(tmp_path, tiny_llama, processed):
+    """scripts/bench_eval.py end to end on the tiny model: with bf16 products the bound is measured in bf16, and
+    the decoder (not model.generate) produced the answers."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"test_file: {processed / 'eval/test.jsonl'}\nmax_new_tokens: 4\nbatch_size: 2\n"
+                   f"reward_model: null\nnum_threads: 1\n")
+    r = subprocess.run([sys.executable, "scripts/bench_eval.py", "--config", str(cfg), "--model", str(tiny_llama),
+                        "--n", "3", "--batch-sizes", "1,2", "--decode-dtype", "bfloat16"], cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "GFLOP/s matmul (bfloat16)" in r.stdout and "machine: " in r.stdout
+    rows = [line.split() for line in r.stdout.splitlines() if re.match(r"\s+[12]\s+3\s", line)]
+    assert [row[0] for row in rows] == ["1", "2"] and all(row[-1] == "decode" for row in rows)

@@ -502,8 +502,8 @@ def test_bench_runs_both_sides(tmp_path, processed, tiny_llama):
     cfg = tiny_config(tmp_path, tiny_llama, processed, heldout_prompts=0)
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "scripts/bench_grpo.py", "--config", str(cfg), "--steps", "1", "--warmup",
-                        "0", "--json", str(out)], cwd=ROOT, env=script_env(tmp_path), capture_output=True, text=True,
-                       timeout=600)
+                        "0", "--json", str(out), "--set", "decode_dtype=bfloat16"], cwd=ROOT, env=script_env(tmp_path),
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res) == {"plain", "ours", "machine"} and res["machine"]["cores"] >= 1
@@ -512,6 +512,9 @@ def test_bench_runs_both_sides(tmp_path, processed, tiny_llama):
     for side in (res["plain"], res["ours"]):
         assert side["steps"] == 1 and side["samples_per_s"] > 0 and 0 < side["gen_share"] < 1
         assert side["peak_rss_mb"] > 0 and side["gen_fraction_of_bound"] > 0
+    # each side's bound in the dtype it generates in: ours bf16 products, plain TRL's autocast (or fp32)
+    assert res["ours"]["bound_dtype"] == "bfloat16"
+    assert res["plain"]["bound_dtype"] == ("bfloat16" if res["plain"]["bf16"] else "float32")
     assert "samples/s (wall)" in r.stdout and "ours / plain" in r.stdout
 
 
@@ -556,3 +559,22 @@ def test_probe_help():
     r = subprocess.run([sys.executable, "scripts/probe_sampling.py", "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "GRPO reinforces" in r.stdout
+
+
+@pytest.mark.slow
+def test_decode_dtype_reaches_rollouts_and_heldout_answers(tmp_path, processed, tiny_llama, capsys, monkeypatch):
+    """decode_dtype: bfloat16 in the recipe: every decoder call of the run (the rollouts and the held-out
+    answers) multiplies in bf16."""
+    import torch
+
+    from utils.models import decode
+
+    monkeypatch.setenv("ECG_MODELS_DIR", str(tmp_path / "models"))
+    seen, real = [], decode.decode
+    monkeypatch.setattr(decode, "decode", lambda *a, **k: seen.append((k.get("do_sample"), k.get("matmul_dtype")))
+                        or real(*a, **k))
+    code, err = run_cli(["--config", str(tiny_config(tmp_path, tiny_llama, processed, max_steps=1, eval_steps=1,
+                                                     decode_dtype="bfloat16"))], capsys)
+    assert code == 0, err
+    assert {sample for sample, _ in seen} == {True, False}  # sampled rollouts and greedy held-out answers
+    assert all(dtype is torch.bfloat16 for _, dtype in seen)

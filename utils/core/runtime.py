@@ -170,11 +170,13 @@ def machine_bound(dtype, device: str = "cpu") -> dict:
     return {"bandwidth_gb_s": round(bw, 1), "matmul_gflop_s": round(flops, 1)}
 
 
-def decode_bound(model, rows: float, bound: dict) -> float:
+def decode_bound(model, rows: float, bound: dict, dtype=None) -> float:
     """Tokens/s a decoder of ``model`` could reach with ``rows`` sequences decoded together: one decode
     step reads every weight once for all rows (bandwidth) and costs 2 FLOPs per weight per row (matmul
-    speed); the lower of the two. LoRA weights are not counted (merged for generation)."""
+    speed); the lower of the two. LoRA weights are not counted (merged for generation). ``dtype``: the dtype
+    the decoder multiplies in, when not the weights' own (``bound`` must be measured in it too)."""
     params = [p for n, p in model.named_parameters() if "lora_" not in n]
-    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    size = None if dtype is None else dtype.itemsize
+    weight_bytes = sum(p.numel() * (size or p.element_size()) for p in params)
     n_params = sum(p.numel() for p in params)
     return min(rows * bound["bandwidth_gb_s"] * 1e9 / weight_bytes, bound["matmul_gflop_s"] * 1e9 / (2 * n_params))
