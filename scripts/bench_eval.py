@@ -74,7 +74,7 @@ def bench(args) -> int:
     print(f"load: {time.time() - t0:.1f} s")
     weight = next(model.parameters())
     # the bound in the dtype the decoder multiplies in (decode_dtype bfloat16: bf16 products of fp32 weights)
-    gen_dtype = (decode.matmul_dtype(cfg.decode_dtype) if weight.device.type == "cpu" else None) or weight.dtype
+    gen_dtype = (decode.resolve_decode_dtype(cfg.decode_dtype) if weight.device.type == "cpu" else None) or weight.dtype
     bound = machine_bound(gen_dtype, weight.device.type)
     print(f"measured: {bound['bandwidth_gb_s']} GB/s copy, {bound['matmul_gflop_s']} GFLOP/s matmul "
           f"({str(gen_dtype).removeprefix('torch.')})")

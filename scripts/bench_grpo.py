@@ -42,7 +42,7 @@ from pathlib import Path
 from utils.core.cli import guarded, setup_logging
 from utils.core.config import UserError, load_config
 from utils.core.runtime import configure_process, decode_bound, machine_bound
-from utils.models.decode import matmul_dtype
+from utils.models.decode import resolve_decode_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,7 +178,7 @@ def worker(args) -> dict:
         dtype = weight.dtype
         # The bound in the dtype generation multiplies in: ours, the decoder's (decode_dtype); plain TRL, bf16
         # under its autocast
-        gen_dtype = (matmul_dtype(cfg.decode_dtype) if side == "ours" else
+        gen_dtype = (resolve_decode_dtype(cfg.decode_dtype) if side == "ours" else
                      torch.bfloat16 if trainer.args.bf16 else None) or dtype
         bound = machine_bound(gen_dtype, weight.device.type)
         meter = Meter(trainer, args.warmup)

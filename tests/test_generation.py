@@ -311,7 +311,7 @@ def test_bf16_products_round_only_the_matrix_products(tmp_path):
     assert logits[torch.bfloat16].dtype == torch.float32
     err = (logits[torch.bfloat16] - logits[None]).norm() / logits[None].norm()
     assert 0 < err < 0.05, err
-    assert dec.matmul_dtype("model") is None and dec.matmul_dtype("bfloat16") is torch.bfloat16
-    assert dec.matmul_dtype("auto") in (None, torch.bfloat16)
+    assert dec.resolve_decode_dtype("model") is None and dec.resolve_decode_dtype("bfloat16") is torch.bfloat16
+    assert dec.resolve_decode_dtype("auto") in (None, torch.bfloat16)
     with pytest.raises(ValueError, match="expected one of model, bfloat16, auto"):
-        dec.matmul_dtype("fp8")
+        dec.resolve_decode_dtype("fp8")

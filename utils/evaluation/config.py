@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from utils.core.config import UserError, fld, non_negative, positive
-from utils.models.decode import DECODE_DTYPES, matmul_dtype
+from utils.models.decode import DECODE_DTYPES, resolve_decode_dtype
 from utils.rewards.mix import RewardMix
 
 TEST_FILE = "data/processed/eval/test.jsonl"
@@ -139,7 +139,7 @@ class EvalConfig(RewardMix):
     def generation_settings(self) -> dict:
         s = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "dtype": self.dtype,
              "repetition_penalty": self.repetition_penalty}
-        if matmul_dtype(self.decode_dtype) is not None:  # fp32 products keep the key (and the caches) as before
+        if resolve_decode_dtype(self.decode_dtype) is not None:  # fp32 products keep the key (and the caches) as before
             s["decode_dtype"] = "bfloat16"
         if self.do_sample:
             s.update(temperature=self.temperature, top_p=self.top_p, seed=self.seed)

@@ -229,7 +229,7 @@ def _in_dtype(product, dtype, x):
     return product(x.to(dtype)).to(x.dtype)
 
 
-def matmul_dtype(choice: str):
+def resolve_decode_dtype(choice: str):
     """The dtype :func:`decode` multiplies in for a config's ``decode_dtype``: ``None`` (the weights' own) for
     ``model``, bf16 for ``bfloat16``, and for ``auto`` bf16 where the CPU has AMX (bf16 products 2-4x faster than
     fp32 at decode sizes, measured) and the weights' own elsewhere (without native bf16 they are slower)."""
@@ -251,9 +251,10 @@ DECODE_DTYPES = ("model", "bfloat16", "auto")
 @contextlib.contextmanager
 def packed_linears(model, rows: int, dtype=None):
     """Within the block, every ``nn.Linear`` of ``model`` that :func:`_packer` packs multiplies with its
-    oneDNN-packed copy (bf16 products with ``dtype`` bfloat16). Logits differ from the plain matmul's by rounding only (~1e-5); the copies cost the
-    weights' size in memory while the block runs, and ~0.2 s to make for a 135M model. Other layers run as
-    they are. Inference only: the packed weight is a snapshot, not a parameter."""
+    oneDNN-packed copy (bf16 products with ``dtype`` bfloat16: then every layer, small ones unpacked). In fp32
+    logits differ from the plain matmul's by rounding only (~1e-5); the copies cost the weights' size in memory
+    while the block runs, and ~0.2 s to make for a 135M model. Other layers run as they are. Inference only:
+    the packed weight is a snapshot, not a parameter."""
     import torch
 
     pack, patched = _packer(rows, dtype), []
@@ -601,8 +602,9 @@ def decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop
     """Completions of ``prompts`` (token ids, no padding), each up to and including its first stop token or
     ``max_new_tokens`` long, in the prompts' order; at most ``max_rows`` decoded together. Greedy unless
     ``do_sample``. The caller has checked :func:`supported` and puts the model in eval mode. ``progress`` logs
-    the completions done and tokens/s about every 30 seconds. ``matmul_dtype`` bfloat16 (:func:`matmul_dtype`)
-    rounds the fp32 weights and the inputs of every matrix product to bf16; the rest stays fp32."""
+    the completions done and tokens/s about every 30 seconds. ``matmul_dtype`` bfloat16 (a config's
+    ``decode_dtype`` through :func:`resolve_decode_dtype`) rounds the fp32 weights and the inputs of every matrix
+    product to bf16; the rest stays fp32."""
     import torch
 
     started = time.time()

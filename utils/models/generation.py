@@ -64,7 +64,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     string inside a message is read as text, never as the special token.
     Greedy unless ``do_sample``; ``seed`` makes sampling repeatable. The model is put in eval mode and
     run without gradients; its training flag is restored afterwards. ``decode_dtype`` (model, bfloat16, auto:
-    :func:`utils.models.decode.matmul_dtype`) is the CPU decoder's matrix-product dtype.
+    :func:`utils.models.decode.resolve_decode_dtype`) is the CPU decoder's matrix-product dtype.
     """
     import torch
 
@@ -101,7 +101,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
             new, dstats = decode.decode(model, [encoded[i] for i in rows], max_new_tokens=max_new_tokens,
                                         stop_ids=stops, pad_id=pad_id, max_rows=batch_size * num_return_sequences,
                                         do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                                        progress=progress, matmul_dtype=decode.matmul_dtype(decode_dtype))
+                                        progress=progress, matmul_dtype=decode.resolve_decode_dtype(decode_dtype))
             stats.new_tokens = dstats.new_tokens
             texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
             for k, i in enumerate(order):

@@ -190,8 +190,9 @@ def gradient_accumulation(cfg: TrainConfig) -> int:
 
 def precision_flags(cfg: TrainConfig) -> tuple[bool, bool, str]:
     """``(bf16, fp16, load_dtype)``: mixed-precision flags for the TRL config and the dtype to load the
-    base in. On CPU ``auto`` is fp32: bf16 pays off there only with bf16 matrix units (AVX512-BF16,
-    AMX), which this project's CPU machines lack; ``precision: bf16`` still asks for it."""
+    base in. On CPU ``auto`` is fp32: without bf16 matrix units (AVX512-BF16, AMX) bf16 is slower, and even
+    with AMX bf16 autocast trained the CPU recipe no faster (docs/EXPERIMENTS.md); ``precision: bf16`` still
+    asks for it."""
     import torch
 
     cuda = torch.cuda.is_available()

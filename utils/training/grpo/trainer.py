@@ -302,7 +302,7 @@ def trainer_class():
                                            max_rows=len(prompt_ids), do_sample=cfg.do_sample,
                                            temperature=cfg.temperature or 1.0, top_k=cfg.top_k,
                                            top_p=cfg.top_p if cfg.top_p is not None else 1.0,
-                                           matmul_dtype=decode.matmul_dtype(self.decode_dtype))
+                                           matmul_dtype=decode.resolve_decode_dtype(self.decode_dtype))
                     return ids, None
                 new = generate_grouped(unwrapped, prompt_ids, self.generation_config, self._tokenizer.pad_token_id)
             return _trim_after_eos(new, self.eos_token_ids), None
