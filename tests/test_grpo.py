@@ -4,6 +4,7 @@ grpo_train.py on the tiny Llama (through the command line, killed and resumed, t
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from tests.conftest import ROOT
 from utils.core.artifacts import is_complete_checkpoint
 from utils.core.cli import run
 from utils.core.config import ConfigError, load_config
-from utils.training.grpo.callbacks import heldout_summary, paired_change, samples_markdown
+from utils.training.grpo.callbacks import heldout_ratio_interval, heldout_summary, paired_change, samples_markdown
 from utils.training.grpo.config import GRPOTrainConfig
 from utils.training.grpo.run import _prepare_run_dir
 
@@ -355,6 +356,42 @@ def test_heldout_summary_and_paired_change():
     assert c["n"] == 3 and c["mean"] == pytest.approx(0.1) and c["stderr"] == pytest.approx(0.1 / 3 ** 0.5)
 
 
+def _evals(steps_totals: list[tuple[int, list[float | None]]]) -> list[dict]:
+    return [{"step": step, "items": [{"id": f"p{i}", "scores": {"total": t}} for i, t in enumerate(totals)]}
+            for step, totals in steps_totals]
+
+
+def test_heldout_ratio_interval_says_how_much_the_verdict_owes_to_the_prompts():
+    import random
+
+    rng = random.Random(1)
+    base = [rng.random() for _ in range(40)]
+    # every prompt climbs by the same steps: any resample of them reads the same curve, the interval is a point
+    alike = _evals([(s, [b + d for b in base]) for s, d in ((0, 0.0), (20, 0.010), (40, 0.022), (60, 0.029))])
+    r = heldout_ratio_interval(alike)
+    diffs = [0.010, 0.012, 0.007]
+    assert r["value"] == pytest.approx(0.029 / statistics.stdev(diffs))
+    assert r["lo"] == pytest.approx(r["value"]) and r["hi"] == pytest.approx(r["value"])
+    assert (r["prompts"], r["resamples"], r["confidence"]) == (40, 1000, 0.9)
+    # the same mean curve carried by prompts that move every which way: the verdict depends on the prompts
+    moves = [[rng.gauss(0, 0.05) for _ in base] for _ in range(3)]
+    spread = _evals([(0, base)] + [(s, [b + d + m for b, m in zip(base, moves[k])])
+                                   for k, (s, d) in enumerate(((20, 0.010), (40, 0.022), (60, 0.029)))])
+    w = heldout_ratio_interval(spread)
+    assert w["lo"] < w["median"] < w["hi"] and w["hi"] - w["lo"] > 1.0
+    assert heldout_ratio_interval(spread, seed=0) == w  # seeded: the same interval on every run
+
+    # a step evaluated again after a resume counts once (the later), a prompt without a total in some
+    # evaluation is left out, and fewer than three evaluations have no step noise
+    again = _evals([(0, [0.5, 0.6, 0.2]), (20, [0.0, 0.0, 0.9]), (20, [0.52, 0.61, None]), (40, [0.55, 0.66, 0.3]),
+                    (60, [0.56, 0.66, 0.3])])
+    r = heldout_ratio_interval(again)
+    curve = [0.55, 0.565, 0.605, 0.61]
+    assert r["prompts"] == 2
+    assert r["value"] == pytest.approx(0.06 / statistics.stdev(b - a for a, b in zip(curve, curve[1:])))
+    assert heldout_ratio_interval(again[:2]) == {} and heldout_ratio_interval([]) == {}
+
+
 def test_samples_markdown_groups_by_question():
     items = [{"question": "Is it AF?", "completion": "Yes | it is.", "rewards": {"yesno": 1.0, "rouge": None},
               "advantage": 0.7},
@@ -435,7 +472,12 @@ def test_tiny_grpo_run_through_the_command_line(tmp_path, processed, tiny_llama)
     assert card.startswith("---\n") and "library_name: peft" in card and "pipeline_tag: text-generation" in card
 
     run_dir = tmp_path / "run"
-    assert [json.loads(x)["step"] for x in (run_dir / "heldout.jsonl").read_text().splitlines()] == [0, 1, 2]
+    heldout = [json.loads(x) for x in (run_dir / "heldout.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in heldout] == [0, 1, 2]
+    if m.get("heldout_step_noise"):  # 3 evaluations: the ratio and its interval over the held-out prompts
+        iv = m["heldout_ratio"]
+        assert iv["prompts"] == len(heldout[0]["items"]) and iv["lo"] <= iv["median"] <= iv["hi"]
+        assert iv["value"] == pytest.approx((m["heldout_change"]["total"]["mean"]) / m["heldout_step_noise"])
     samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [1, 2] and len(samples[0]["items"]) == 2 * 2
     assert set(samples[0]["items"][0]["rewards"]) == set(rewards)

@@ -40,9 +40,10 @@ def _report(tmp_path, shifts: dict[str, dict[str, float]], balanced: dict[str, f
         folder = tmp_path / n
         folder.mkdir()
         if n in heldout:
-            gain, noise = heldout[n]
+            gain, noise, *interval = heldout[n]
             (folder / "metrics.json").write_text(json.dumps({"heldout_change": {"total": {"mean": gain}},
-                                                             "heldout_step_noise": noise}))
+                                                             "heldout_step_noise": noise,
+                                                             **({"heldout_ratio": interval[0]} if interval else {})}))
         models.append({"name": n, "path": str(folder)})
     report = tmp_path / "report"
     report.mkdir()
@@ -57,7 +58,8 @@ def test_a_run_that_gains_everywhere_passes_and_one_that_does_not_says_why(tmp_p
     up = {"rouge": 0.05, "bleu1": 0.05, "meteor": 0.0, "total": 0.05}
     report = _report(tmp_path, {"good": up, "flat": {}, "drop": {**up, "meteor": -0.05}},
                      {"sft": 0.45, "good": 0.50, "flat": 0.45, "drop": 0.55},
-                     {"good": (0.01, 0.002), "flat": (0.001, 0.002), "drop": (0.01, 0.002)})
+                     {"good": (0.01, 0.002, {"value": 5.0, "median": 3.2, "lo": 0.4, "hi": 9.1, "confidence": 0.9}),
+                      "flat": (0.001, 0.002), "drop": (0.01, 0.002)})
     results, _ = seed_results(report)
     by = {r.name: r for r in results}
     assert list(by) == ["good", "flat", "drop", "pooled"]
@@ -74,6 +76,8 @@ def test_a_run_that_gains_everywhere_passes_and_one_that_does_not_says_why(tmp_p
     table = seed_table(report)
     assert "| good | +0.05" in table and "| yes |" in table
     assert "no: no benchmark metric down" in table and "5.0x" in table
+    # the ratio's interval over resamples of the held-out prompts, where training wrote one
+    assert "= 5.0x (90%: 0.4-9.1x) |" in table and "| flat |" in table and table.count("(90%:") == 1
 
 
 def test_a_baseline_after_the_runs_is_read_the_other_way_round(tmp_path):

@@ -9,7 +9,9 @@ noise), and says for each run, and for the runs pooled, whether it meets the bar
 - the reward mix rises (paired test p < alpha);
 - at least two of ROUGE-L, BLEU-1 and METEOR rise with p < alpha, and none falls with p < alpha;
 - yes/no balanced accuracy rises;
-- the held-out reward gain is at least 3x its step noise (per run; the pooled row has none).
+- the held-out reward gain is at least 3x its step noise (per run; the pooled row has none). Beside it, the
+  ratio's 90% interval over bootstrap resamples of the held-out prompts (training's ``heldout_ratio``): how
+  much the verdict owes to which prompts happened to be held out.
 
 "Pooled" compares the baseline with the per-item mean of the runs' scores: the recipe's expected answer
 quality, with the seed-to-seed spread averaged out, on the same paired test.
@@ -40,6 +42,7 @@ class RunResult:
     balanced: float | None                  # yes/no balanced accuracy
     heldout_gain: float | None = None
     heldout_noise: float | None = None
+    heldout_ratio: dict = field(default_factory=dict)  # the ratio's bootstrap over held-out prompts (median, lo, hi)
     checks: dict[str, bool] = field(default_factory=dict)
 
     @property
@@ -56,16 +59,17 @@ def _read(path: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
-def _heldout(model_path: str | None) -> tuple[float | None, float | None]:
-    """(held-out total change, step noise) from a GRPO output folder's metrics.json; None where absent."""
+def _heldout(model_path: str | None) -> tuple[float | None, float | None, dict]:
+    """(held-out total change, step noise, the ratio's bootstrap interval) from a GRPO output folder's
+    metrics.json; None / {} where absent."""
     if not model_path:
-        return None, None
+        return None, None, {}
     path = Path(model_path) / "metrics.json"
     if not path.is_file():
-        return None, None
+        return None, None, {}
     m = _read(path)
     change = (m.get("heldout_change") or {}).get("total") or {}
-    return change.get("mean"), m.get("heldout_step_noise")
+    return change.get("mean"), m.get("heldout_step_noise"), m.get("heldout_ratio") or {}
 
 
 def _check(r: RunResult, base_balanced: float | None, alpha: float) -> dict[str, bool]:
@@ -122,8 +126,8 @@ def seed_results(report: str | Path, baseline: str = "sft", alpha: float = 0.05,
         # the other way round.
         diffs = paired.get(n) or {m: _flip(d) for p in meta.get("paired", []) if p["a"] == n and p["b"] == baseline
                                   for m, d in p["metrics"].items()}
-        gain, noise = _heldout(paths.get(n))
-        out.append(RunResult(n, {m: diffs.get(m) for m in metrics}, balanced.get(n), gain, noise))
+        gain, noise, interval = _heldout(paths.get(n))
+        out.append(RunResult(n, {m: diffs.get(m) for m in metrics}, balanced.get(n), gain, noise, interval))
 
     if len(runs) > 1:
         items = [json.loads(line) for line in (report / "answers.jsonl").read_text(encoding="utf-8").splitlines()
@@ -171,6 +175,9 @@ def seed_table(report: str | Path, baseline: str = "sft", alpha: float = 0.05, r
     for r in results:
         ratio = (f"{r.heldout_gain:+.4f} / {r.heldout_noise:.4f} = {r.heldout_gain / r.heldout_noise:.1f}x"
                  if r.heldout_gain is not None and r.heldout_noise else "n/a")
+        if r.heldout_ratio:
+            iv = r.heldout_ratio
+            ratio += f" ({iv['confidence']:.0%}: {iv['lo']:.1f}-{iv['hi']:.1f}x)"
         verdict = "yes" if r.passes else "no: " + ", ".join(k for k, v in r.checks.items() if not v)
         cells = [r.name, *(_cell(r.diffs.get(m)) for m in COLUMNS), _num(r.balanced), ratio, verdict]
         lines.append("| " + " | ".join(cells) + " |")

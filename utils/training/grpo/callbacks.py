@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import statistics
 import time
 from pathlib import Path
@@ -230,6 +231,44 @@ def heldout_summary(history: list[dict]) -> dict:
         if len(steps) >= 2:
             out["heldout_step_noise"] = statistics.stdev(steps)
     return out
+
+
+def heldout_ratio_interval(evals: list[dict], resamples: int = 1000, confidence: float = 0.9, seed: int = 0) -> dict:
+    """How much the held-out gain over its step noise owes to which prompts the held-out set holds: the ratio
+    recomputed on ``resamples`` bootstrap resamples of the prompts (one resample serves every evaluation, as
+    the same prompts answer each), with its median and central ``confidence`` interval. ``evals`` are the
+    run folder's held-out log rows (a step evaluated twice, before and after a resume, counts once: the
+    later); {} with fewer than three evaluations (no step noise) or two prompts.
+
+    >>> evals = [{"step": s, "items": [{"id": "a", "scores": {"total": t}}, {"id": "b", "scores": {"total": t + .1}}]}
+    ...          for s, t in zip((0, 20, 40, 60), (0.5, 0.52, 0.55, 0.56))]
+    >>> round(heldout_ratio_interval(evals)["value"], 2)
+    6.0
+    """
+    evals = [e for _, e in sorted({e["step"]: e for e in evals}.items())]
+    if len(evals) < 3:
+        return {}
+    totals = [{it["id"]: it["scores"].get("total") for it in e["items"]} for e in evals]
+    ids = [i for i in totals[0] if all(t.get(i) is not None for t in totals)]
+    if len(ids) < 2:
+        return {}
+
+    def ratio(sample: list[str]) -> float | None:
+        curve = [sum(t[i] for i in sample) / len(sample) for t in totals]
+        noise = statistics.stdev(b - a for a, b in zip(curve, curve[1:]))
+        return (curve[-1] - curve[0]) / noise if noise > 0 else None
+
+    rng = random.Random(seed)
+    ratios = sorted(r for r in (ratio(rng.choices(ids, k=len(ids))) for _ in range(resamples)) if r is not None)
+    if not ratios:
+        return {}
+    tail = (1 - confidence) / 2
+
+    def quantile(q: float) -> float:
+        return ratios[min(len(ratios) - 1, int(q * len(ratios)))]
+
+    return {"value": ratio(ids), "median": quantile(0.5), "lo": quantile(tail), "hi": quantile(1 - tail),
+            "confidence": confidence, "resamples": len(ratios), "prompts": len(ids)}
 
 
 def _read_heldout(run_dir: str) -> list[dict]:

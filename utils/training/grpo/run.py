@@ -20,6 +20,7 @@ from utils.training.grpo.callbacks import (
     SampleLogger,
     TimeLimit,
     _read_heldout,
+    heldout_ratio_interval,
     heldout_summary,
     paired_change,
 )
@@ -195,6 +196,7 @@ def final_metrics(cfg: GRPOTrainConfig, trainer, ckpt: str | None, n_train: int,
         extra["heldout_change"] = {k: paired_change([a for a, _ in pairs], [b for _, b in pairs], k)
                                    for k in ["total", *cfg.rewards]}
         extra["heldout_change_steps"] = [first["step"], last["step"]]
+        extra["heldout_ratio"] = heldout_ratio_interval(evals)
     out = training_metrics(trainer, extra)
     out.pop("eval_loss", None)
     out.pop("train_loss", None)
@@ -212,6 +214,7 @@ def model_card(cfg: GRPOTrainConfig, metrics: dict, base_ref: str | None) -> str
 
     rows = [f"| {k} | {fmt(first, k)} | {fmt(last, k)} |" for k in names]
     change = metrics.get("heldout_change", {}).get("total", {})
+    ratio = metrics.get("heldout_ratio") or {}
     lora = (f"LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}" if cfg.adapter == "lora" else "full fine-tuning")
     return "\n".join([
         f"# ECG-GRPO policy ({cfg.base_model})", "",
@@ -235,7 +238,10 @@ def model_card(cfg: GRPOTrainConfig, metrics: dict, base_ref: str | None) -> str
         f"## Held-out reward ({cfg.heldout_prompts} validation prompts, greedy)", "",
         f"| reward | step {first.get('step', '-')} | step {last.get('step', '-')} |", "| --- | ---: | ---: |", *rows, "",
         (f"Paired change of the total: {change['mean']:+.4f} +- {change['stderr']:.4f} (standard error, "
-         f"{change['n']} prompts)." if change else ""), "",
+         f"{change['n']} prompts)." if change else ""),
+        (f"Gain over step noise (the spread of the changes between evaluations): {ratio['value']:.1f}x; on "
+         f"bootstrap resamples of the held-out prompts {ratio['lo']:.1f}-{ratio['hi']:.1f}x "
+         f"({ratio['confidence']:.0%}), median {ratio['median']:.1f}x." if ratio else ""), "",
         "## Limitations", "",
         "Educational use only: not medical advice. The rewards are automatic proxies of answer quality; "
         "ECG-Expert-QA states no license upstream, so this model is for research within those terms.", ""])
