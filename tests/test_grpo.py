@@ -390,6 +390,7 @@ def test_heldout_ratio_interval_says_how_much_the_verdict_owes_to_the_prompts():
     assert r["prompts"] == 2
     assert r["value"] == pytest.approx(0.06 / statistics.stdev(b - a for a, b in zip(curve, curve[1:])))
     assert heldout_ratio_interval(again[:2]) == {} and heldout_ratio_interval([]) == {}
+    assert heldout_ratio_interval(_evals([(s, [0.5, 0.6]) for s in (0, 20, 40)])) == {}  # no step noise
 
 
 def test_samples_markdown_groups_by_question():

@@ -238,7 +238,7 @@ def heldout_ratio_interval(evals: list[dict], resamples: int = 1000, confidence:
     recomputed on ``resamples`` bootstrap resamples of the prompts (one resample serves every evaluation, as
     the same prompts answer each), with its median and central ``confidence`` interval. ``evals`` are the
     run folder's held-out log rows (a step evaluated twice, before and after a resume, counts once: the
-    later); {} with fewer than three evaluations (no step noise) or two prompts.
+    later); {} with fewer than three evaluations or two prompts, or without step noise (changes all equal).
 
     >>> evals = [{"step": s, "items": [{"id": "a", "scores": {"total": t}}, {"id": "b", "scores": {"total": t + .1}}]}
     ...          for s, t in zip((0, 20, 40, 60), (0.5, 0.52, 0.55, 0.56))]
@@ -258,16 +258,17 @@ def heldout_ratio_interval(evals: list[dict], resamples: int = 1000, confidence:
         noise = statistics.stdev(b - a for a, b in zip(curve, curve[1:]))
         return (curve[-1] - curve[0]) / noise if noise > 0 else None
 
+    value = ratio(ids)
     rng = random.Random(seed)
     ratios = sorted(r for r in (ratio(rng.choices(ids, k=len(ids))) for _ in range(resamples)) if r is not None)
-    if not ratios:
+    if value is None or not ratios:
         return {}
     tail = (1 - confidence) / 2
 
     def quantile(q: float) -> float:
         return ratios[min(len(ratios) - 1, int(q * len(ratios)))]
 
-    return {"value": ratio(ids), "median": quantile(0.5), "lo": quantile(tail), "hi": quantile(1 - tail),
+    return {"value": value, "median": quantile(0.5), "lo": quantile(tail), "hi": quantile(1 - tail),
             "confidence": confidence, "resamples": len(ratios), "prompts": len(ids)}
 
 
