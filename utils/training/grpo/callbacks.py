@@ -227,10 +227,14 @@ def heldout_summary(history: list[dict]) -> dict:
     out: dict[str, Any] = {"heldout": curve}
     if curve:
         out["heldout_first"], out["heldout_last"] = curve[0], curve[-1]
-        steps = [b["heldout/total"] - a["heldout/total"] for a, b in zip(curve, curve[1:])]
-        if len(steps) >= 2:
-            out["heldout_step_noise"] = statistics.stdev(steps)
+        if len(curve) >= 3:
+            out["heldout_step_noise"] = step_noise([h["heldout/total"] for h in curve])
     return out
+
+
+def step_noise(curve: list[float]) -> float:
+    """The spread (standard deviation) of the changes between consecutive held-out evaluations; needs three."""
+    return statistics.stdev(b - a for a, b in zip(curve, curve[1:]))
 
 
 def heldout_ratio_interval(evals: list[dict], resamples: int = 1000, confidence: float = 0.9, seed: int = 0) -> dict:
@@ -255,7 +259,7 @@ def heldout_ratio_interval(evals: list[dict], resamples: int = 1000, confidence:
 
     def ratio(sample: list[str]) -> float | None:
         curve = [sum(t[i] for i in sample) / len(sample) for t in totals]
-        noise = statistics.stdev(b - a for a, b in zip(curve, curve[1:]))
+        noise = step_noise(curve)
         return (curve[-1] - curve[0]) / noise if noise > 0 else None
 
     value = ratio(ids)
