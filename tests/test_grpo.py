@@ -99,6 +99,7 @@ def metrics_of(tmp_path: Path) -> dict:
     ({"push_to_hub": True}, "hub_model_id '': expected the Hub repo as owner/name"),
     ({"trainer_extra": {"push_to_hub": True}}, "'push_to_hub' has a config key of its own here"),
     ({"trainer_extra": {"use_liger_kernel": True}}, "expected liger_kernel instead"),
+    ({"length_neutral": 1.5}, "key 'length_neutral' = 1.5: expected a number in [0, 1]"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, over, expected):
     path = tmp_path / "bad.yaml"
@@ -298,6 +299,47 @@ def test_tied_groups_leave_the_loss():
     out = drop_tied_groups(trainer, {"completion_mask": torch.ones(2, 3, dtype=torch.long)}, rewards)
     assert out["completion_mask"].sum() == 6 and out["num_items_in_batch"] == 6
     assert trainer._metrics["train"]["skipped_tied_groups"] == [pytest.approx(2 / 3)] * 2
+
+
+def test_length_neutral_advantages_leave_nothing_for_length_alone():
+    """length_neutral: within each group, the advantages keep their mean and lose (all, or the given share of)
+    their linear dependence on completion length; the two-process slice gets its own completions back, and
+    the correlation is logged before and after."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    import torch
+
+    from utils.training.grpo.trainer import length_correlation, neutral_length_advantages, neutralise_length
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([5., 9., 14., 30., 12., 12., 12., 12., 3., 40., 41., 7.])
+    adv = 0.05 * lengths + torch.randn(12)  # longer pays, as BLEU-1's brevity penalty makes it
+    adv = adv - adv.view(3, 4).mean(1).repeat_interleave(4)  # group-centred, as TRL's are
+
+    def cov(a):  # per group: covariance of advantage and length
+        a, lc = a.view(3, 4), lengths.view(3, 4) - lengths.view(3, 4).mean(1, keepdim=True)
+        return (a * lc).sum(1)
+
+    full = neutral_length_advantages(adv, lengths, 4)
+    assert torch.allclose(cov(full), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(full.view(3, 4).mean(1), adv.view(3, 4).mean(1), atol=1e-6)
+    assert torch.equal(full[4:8], adv[4:8])  # all as long: nothing to take out
+    half = neutral_length_advantages(adv, lengths, 4, strength=0.5)
+    assert torch.allclose(cov(half), cov(adv) / 2, atol=1e-4)
+    assert length_correlation(adv, lengths, 4) > 0.3 and abs(length_correlation(full, lengths, 4)) < 1e-5
+    assert length_correlation(torch.zeros(4), torch.arange(4.0), 4) is None  # no spread: nothing to say
+
+    # two processes of 6 completions each: a group (4..7) spans them; each gets its slice of the whole
+    process0 = [adv[:6], lengths[:6]]  # what the other process contributes to each gather, in turn
+    acc = SimpleNamespace(process_index=1, gather=lambda t: torch.cat([process0.pop(0), t]))
+    trainer = SimpleNamespace(accelerator=acc, num_generations=4, length_neutral=1.0,
+                              _metrics={"train": defaultdict(list)})
+    mask = (torch.arange(41).expand(12, -1) < lengths.unsqueeze(1)).long()
+    out = neutralise_length(trainer, {"advantages": adv[6:].clone(), "completion_mask": mask[6:]})
+    assert torch.allclose(out["advantages"], full[6:], atol=1e-6)
+    log = trainer._metrics["train"]
+    assert log["advantage_length_corr"][0] > 0.3 and abs(log["advantage_length_corr_after"][0]) < 1e-5
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -625,3 +667,31 @@ def test_decode_dtype_reaches_rollouts_and_heldout_answers(tmp_path, processed, 
     assert code == 0, err
     assert {sample for sample, _ in seen} == {True, False}  # sampled rollouts and greedy held-out answers
     assert all(dtype is torch.bfloat16 for _, dtype in seen)
+
+
+@pytest.mark.slow
+def test_length_neutral_reaches_the_steps_advantages(tmp_path, processed, tiny_llama, capsys, monkeypatch):
+    """length_neutral: 1 in the recipe: every training step's advantages pass through it (the tiny model's
+    answers all run to max_completion_length, so its numbers are checked by the unit test above), and the
+    model card says so."""
+    import torch
+
+    from utils.training.grpo import trainer as trainer_mod
+
+    monkeypatch.setenv("ECG_MODELS_DIR", str(tmp_path / "models"))
+    seen, real = [], trainer_mod.neutralise_length
+
+    def spy(trainer, out):
+        before = out["advantages"].clone()
+        out = real(trainer, out)
+        seen.append((trainer.length_neutral, before, out["advantages"], out["completion_mask"].sum(1)))
+        return out
+
+    monkeypatch.setattr(trainer_mod, "neutralise_length", spy)
+    code, err = run_cli(["--config", str(tiny_config(tmp_path, tiny_llama, processed, length_neutral=1.0))], capsys)
+    assert code == 0, err
+    assert len(seen) == 2  # one generation batch a step, none for the held-out answers
+    for strength, before, after, lengths in seen:
+        assert strength == 1.0
+        assert torch.allclose(after, trainer_mod.neutral_length_advantages(before, lengths, 2), atol=1e-6)
+    assert "length-neutral advantages 1.0" in (tmp_path / "out/README.md").read_text()

@@ -81,6 +81,8 @@ def test_drift_falls_back_to_trls_own_trainer(trainer_cls, monkeypatch, caplog):
 
     with pytest.raises(UserError, match="skip_tied_groups.*_prepare_inputs is gone"):
         trainer_mod.pick_trainer_class(False, False, skip_tied_groups=True)
+    with pytest.raises(UserError, match="length_neutral needs.*_prepare_inputs is gone"):
+        trainer_mod.pick_trainer_class(True, True, length_neutral=0.5)
 
 
 def test_trl_still_takes_every_loss_type_and_level():

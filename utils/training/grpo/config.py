@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from utils.core.config import fld, non_negative, positive
+from utils.core.config import fld, non_negative, positive, probability
 from utils.data.formats import with_format_instructions
 from utils.data.raw import TASKS
 from utils.data.rows import DataError, read_split
@@ -69,6 +69,11 @@ class GRPOTrainConfig(TrainConfig, RewardMix):
                                  "step averages over the groups that teach something. DAPO's dynamic sampling "
                                  "without its resampling (the step has fewer completions); logged as "
                                  "skipped_tied_groups.")
+    length_neutral: float = fld(0.0, "Share of each group's advantages that completion length explains (least "
+                                "squares within the group) taken out of them: 1 leaves no reward for length "
+                                "alone, so answers grow or shrink only as far as what they say pulls them; 0 "
+                                "keeps TRL's advantages. Logged as advantage_length_corr (before) and "
+                                "advantage_length_corr_after.", check=(probability, "a number in [0, 1]"))
     beta: float = fld(0.0, "Weight of the KL penalty to the starting policy; 0 skips the reference pass (and the KL "
                       "log).", check=(non_negative, "a number >= 0"))
     epsilon: float = fld(0.2, "Clipping range of the probability ratio (lower side).", check=(positive, "a number > 0"))

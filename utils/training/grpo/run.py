@@ -82,13 +82,13 @@ def build_trainer(cfg: GRPOTrainConfig, train_rows: list[dict], args=None):
     funcs, weights = cfg.build()
     args = args or grpo_args(cfg, weights)
     model, tok, peft_config, base_ref = load_policy(cfg)
-    cls, _ = pick_trainer_class(cfg.fast_generation, cfg.pack_groups, cfg.skip_tied_groups)
+    cls, _ = pick_trainer_class(cfg.fast_generation, cfg.pack_groups, cfg.skip_tied_groups, cfg.length_neutral)
     trainer = cls(model=model, reward_funcs=funcs, args=args, train_dataset=to_dataset(train_rows),
                   processing_class=tok, peft_config=peft_config)
     if cls is trainer_class():
         trainer.fast_generation, trainer.pack_groups = cfg.fast_generation, cfg.pack_groups
         trainer.decode_dtype = cfg.decode_dtype
-        trainer.skip_tied_groups = cfg.skip_tied_groups
+        trainer.skip_tied_groups, trainer.length_neutral = cfg.skip_tied_groups, cfg.length_neutral
     return trainer, base_ref
 
 
@@ -230,7 +230,8 @@ def model_card(cfg: GRPOTrainConfig, metrics: dict, base_ref: str | None) -> str
         "```", "",
         "## Training", "",
         f"- rewards (weights): {', '.join(f'{k} {v}' for k, v in cfg.rewards.items())}; aggregation "
-        f"{cfg.reward_aggregation}, scaling {cfg.scale_rewards}",
+        f"{cfg.reward_aggregation}, scaling {cfg.scale_rewards}"
+        + (f", length-neutral advantages {cfg.length_neutral}" if cfg.length_neutral else ""),
         f"- {metrics.get('global_step')} steps of {cfg.batch_size} completions ({cfg.num_generations} per prompt, at "
         f"most {cfg.max_completion_length} tokens, temperature {cfg.temperature}); loss {cfg.loss_type}, beta "
         f"{cfg.beta}, learning rate {cfg.learning_rate}; {lora}",

@@ -7,7 +7,8 @@ weights (no adapter work per decoded token), and each prompt's prefill runs once
 (:func:`generate_grouped`). The log-probability pass likewise runs each group's shared prompt once
 (:mod:`utils.training.grpo.packing`). ``fast_generation: false`` / ``pack_groups: false`` restore TRL's own
 paths; vLLM, continuous batching, tools and multimodal inputs always use them.
-``skip_tied_groups`` masks the completions of groups whose rewards all tie out of the loss.
+``skip_tied_groups`` masks the completions of groups whose rewards all tie out of the loss; ``length_neutral``
+takes out of each group's advantages what completion length explains.
 
 The overrides are of private TRL methods (TRL gives no public hook for these); each is registered with
 :func:`utils.training.trl_compat.overrides`, which records the TRL version and signature it was written
@@ -187,6 +188,64 @@ def drop_tied_groups(trainer, out: dict, rewards) -> dict:
     return out
 
 
+def neutral_length_advantages(advantages, lengths, num_generations: int, strength: float = 1.0):
+    """Per group of ``num_generations`` consecutive completions, take ``strength`` x the part of the advantages
+    that a straight line in completion length explains out of them (least squares within the group). The
+    group's mean advantage is kept; a group whose completions are all as long is left as it is. At strength 1
+    a longer or shorter answer earns nothing for its length alone inside its group, so the policy's length
+    moves only as far as what it says pulls it.
+
+    >>> import torch
+    >>> neutral_length_advantages(torch.tensor([-1., 1., -1., 1.]), torch.tensor([10., 20., 5., 5.]), 2).tolist()
+    [0.0, 0.0, -1.0, 1.0]
+    """
+    import torch
+
+    a = advantages.reshape(-1, num_generations).float()
+    lc = lengths.reshape(-1, num_generations).float()
+    lc = lc - lc.mean(dim=1, keepdim=True)
+    var = (lc * lc).sum(dim=1, keepdim=True)
+    slope = torch.where(var > 0, (a * lc).sum(dim=1, keepdim=True) / var.clamp_min(1e-12), torch.zeros_like(var))
+    return (a - strength * slope * lc).reshape(advantages.shape).to(advantages.dtype)
+
+
+def length_correlation(advantages, lengths, num_generations: int) -> float | None:
+    """Mean over groups (those whose advantages and lengths both vary) of the Pearson correlation between a
+    completion's advantage and its length: > 0 when the step pays for longer answers. None without such a group.
+
+    >>> import torch
+    >>> length_correlation(torch.tensor([-1., 1., 0., 0.]), torch.tensor([10., 20., 5., 9.]), 2)
+    1.0
+    """
+    a = advantages.reshape(-1, num_generations).float()
+    a = a - a.mean(dim=1, keepdim=True)
+    lc = lengths.reshape(-1, num_generations).float()
+    lc = lc - lc.mean(dim=1, keepdim=True)
+    norm = (a.norm(dim=1) * lc.norm(dim=1))
+    ok = norm > 1e-9
+    if not ok.any():
+        return None
+    return ((a * lc).sum(dim=1)[ok] / norm[ok]).mean().item()
+
+
+def neutralise_length(trainer, out: dict) -> dict:
+    """``length_neutral``: this process's advantages with their dependence on completion length removed group
+    by group (:func:`neutral_length_advantages`), on every process's completions gathered (a group may span
+    processes); logs ``advantage_length_corr`` before and ``..._after`` it."""
+    mask = out["completion_mask"]
+    n = mask.size(0)
+    start = trainer.accelerator.process_index * n
+    adv = trainer.accelerator.gather(out["advantages"])
+    lengths = trainer.accelerator.gather(mask.sum(dim=1).to(adv.dtype))
+    new = neutral_length_advantages(adv, lengths, trainer.num_generations, trainer.length_neutral)
+    for key, a in (("advantage_length_corr", adv), ("advantage_length_corr_after", new)):
+        corr = length_correlation(a, lengths, trainer.num_generations)
+        if corr is not None:
+            trainer._metrics["train"][key].append(corr)
+    out["advantages"] = new[start:start + n]
+    return out
+
+
 def trainer_class():
     """:class:`ECGGRPOTrainer`, built on first use so that importing this module does not import trl."""
     global ECGGRPOTrainer
@@ -206,6 +265,7 @@ def trainer_class():
         decode_dtype = "model"
         pack_groups = True
         skip_tied_groups = False
+        length_neutral = 0.0
         _rewards_seen = None
 
         def _packing(self) -> bool:
@@ -273,6 +333,8 @@ def trainer_class():
         def _generate_and_score_completions(self, inputs):
             self._rewards_seen = None
             out = super()._generate_and_score_completions(inputs)
+            if self.length_neutral and self.model.training and out["advantages"].dim() == 1:
+                out = neutralise_length(self, out)
             if self.skip_tied_groups and self.model.training and self._rewards_seen is not None:
                 out = drop_tied_groups(self, out, self._rewards_seen)
             return out
@@ -312,21 +374,26 @@ def trainer_class():
     return _Trainer
 
 
-def pick_trainer_class(fast_generation: bool, pack_groups: bool,
-                       skip_tied_groups: bool = False) -> tuple[type, list[str]]:
+def pick_trainer_class(fast_generation: bool, pack_groups: bool, skip_tied_groups: bool = False,
+                       length_neutral: float = 0.0) -> tuple[type, list[str]]:
     """``(class, differences)``: :class:`ECGGRPOTrainer` with its fast paths, or, when the installed TRL's
     private methods no longer fit the overrides (:func:`utils.training.trl_compat.problems`), TRL's own
     ``GRPOTrainer`` (slower, correct: no override is ever called with arguments it does not expect), with a
     warning naming each difference. Without anything of ours asked for, TRL's own class too.
-    ``skip_tied_groups`` changes what is optimised, so it is never dropped silently: on drift it is refused."""
+    ``skip_tied_groups`` and ``length_neutral`` change what is optimised, so they are never dropped silently:
+    on drift they are refused."""
     from trl import GRPOTrainer
 
-    if not (fast_generation or pack_groups or skip_tied_groups):
+    changes = [name for name, on in (("skip_tied_groups", skip_tied_groups), ("length_neutral", length_neutral))
+               if on]
+    if not (fast_generation or pack_groups or changes):
         return GRPOTrainer, []
     drift = problems("GRPOTrainer", GRPOTrainer)
-    if drift and skip_tied_groups:
-        raise UserError("skip_tied_groups needs this project's GRPOTrainer overrides, which no longer fit the "
-                        f"installed TRL ({'; '.join(drift)}); install the pinned trl or set skip_tied_groups: false")
+    if drift and changes:
+        raise UserError(f"{' and '.join(changes)} need{'' if len(changes) > 1 else 's'} this project's GRPOTrainer "
+                        "overrides, which no longer fit "
+                        f"the installed TRL ({'; '.join(drift)}); install the pinned trl or turn them off "
+                        "(skip_tied_groups: false, length_neutral: 0)")
     if drift:
         log.warning("TRL's GRPOTrainer changed under this project's overrides; using TRL's own generation and "
                     "log-probabilities (slower, correct): %s", "; ".join(drift))
