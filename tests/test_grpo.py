@@ -328,7 +328,8 @@ def test_length_neutral_advantages_leave_nothing_for_length_alone():
     half = neutral_length_advantages(adv, lengths, 4, strength=0.5)
     assert torch.allclose(cov(half), cov(adv) / 2, atol=1e-4)
     assert length_correlation(adv, lengths, 4) > 0.3 and abs(length_correlation(full, lengths, 4)) < 1e-5
-    assert length_correlation(torch.zeros(4), torch.arange(4.0), 4) is None  # no spread: nothing to say
+    assert length_correlation(torch.zeros(4), torch.arange(4.0), 4) == 0.0  # tied: nothing depends on length
+    assert length_correlation(torch.arange(4.0), torch.ones(4), 4) is None  # equally long: nothing to say
 
     # two processes of 6 completions each: a group (4..7) spans them; each gets its slice of the whole
     process0 = [adv[:6], lengths[:6]]  # what the other process contributes to each gather, in turn
@@ -671,9 +672,10 @@ def test_decode_dtype_reaches_rollouts_and_heldout_answers(tmp_path, processed, 
 
 @pytest.mark.slow
 def test_length_neutral_reaches_the_steps_advantages(tmp_path, processed, tiny_llama, capsys, monkeypatch):
-    """length_neutral: 1 in the recipe: every training step's advantages pass through it (the tiny model's
-    answers all run to max_completion_length, so its numbers are checked by the unit test above), and the
-    model card says so."""
+    """length_neutral: 1 in the recipe: every training step's advantages pass through it, the correlations it
+    logs reach metrics.json's train curve, and the model card says so. The tiny model's answers all run to
+    max_completion_length and mostly tie, so each step's first answer of every group is made one token
+    shorter and better: then there is a length dependence to take out."""
     import torch
 
     from utils.training.grpo import trainer as trainer_mod
@@ -682,6 +684,8 @@ def test_length_neutral_reaches_the_steps_advantages(tmp_path, processed, tiny_l
     seen, real = [], trainer_mod.neutralise_length
 
     def spy(trainer, out):
+        out["completion_mask"][0::2, -1] = 0
+        out["advantages"] = torch.tensor([1.0, -1.0]).repeat(out["advantages"].numel() // 2)
         before = out["advantages"].clone()
         out = real(trainer, out)
         seen.append((trainer.length_neutral, before, out["advantages"], out["completion_mask"].sum(1)))
@@ -695,3 +699,6 @@ def test_length_neutral_reaches_the_steps_advantages(tmp_path, processed, tiny_l
         assert strength == 1.0
         assert torch.allclose(after, trainer_mod.neutral_length_advantages(before, lengths, 2), atol=1e-6)
     assert "length-neutral advantages 1.0" in (tmp_path / "out/README.md").read_text()
+    curve = metrics_of(tmp_path)["train_curve"]
+    assert [h["advantage_length_corr"] for h in curve] == [pytest.approx(-1.0)] * 2
+    assert [h["advantage_length_corr_after"] for h in curve] == [pytest.approx(0.0, abs=1e-6)] * 2

@@ -179,7 +179,8 @@ def final_metrics(cfg: GRPOTrainConfig, trainer, ckpt: str | None, n_train: int,
     history = trainer.state.log_history
     rewards = [{k: v for k, v in h.items() if k == "step" or k == "reward" or k.startswith("rewards/")
                 or k in ("kl", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
-                         "skipped_tied_groups", "num_tokens")}
+                         "skipped_tied_groups", "advantage_length_corr", "advantage_length_corr_after",
+                         "num_tokens")}
                for h in history if "reward" in h]
     summary = next((h for h in reversed(history) if "train_runtime" in h), {})
     steps_run = trainer.state.global_step - checkpoint_step(ckpt)

@@ -210,22 +210,26 @@ def neutral_length_advantages(advantages, lengths, num_generations: int, strengt
 
 
 def length_correlation(advantages, lengths, num_generations: int) -> float | None:
-    """Mean over groups (those whose advantages and lengths both vary) of the Pearson correlation between a
-    completion's advantage and its length: > 0 when the step pays for longer answers. None without such a group.
+    """Mean over groups whose completions differ in length of the Pearson correlation between a completion's
+    advantage and its length (0 for a group whose advantages all tie): > 0 when the step pays for longer
+    answers. None when every group's completions are equally long.
 
     >>> import torch
     >>> length_correlation(torch.tensor([-1., 1., 0., 0.]), torch.tensor([10., 20., 5., 9.]), 2)
-    1.0
+    0.5
     """
+    import torch
+
     a = advantages.reshape(-1, num_generations).float()
     a = a - a.mean(dim=1, keepdim=True)
     lc = lengths.reshape(-1, num_generations).float()
     lc = lc - lc.mean(dim=1, keepdim=True)
-    norm = (a.norm(dim=1) * lc.norm(dim=1))
-    ok = norm > 1e-9
+    na, nl = a.norm(dim=1), lc.norm(dim=1)
+    ok = nl > 0
     if not ok.any():
         return None
-    return ((a * lc).sum(dim=1)[ok] / norm[ok]).mean().item()
+    corr = torch.where(na > 1e-9, (a * lc).sum(dim=1) / (na * nl).clamp_min(1e-12), torch.zeros_like(na))
+    return corr[ok].mean().item()
 
 
 def neutralise_length(trainer, out: dict) -> dict:
