@@ -313,7 +313,7 @@ def test_length_neutral_advantages_leave_nothing_for_length_alone():
     from utils.training.grpo.trainer import length_correlation, neutral_length_advantages, neutralise_length
 
     torch.manual_seed(0)
-    lengths = torch.tensor([5., 9., 14., 30., 12., 12., 12., 12., 3., 40., 41., 7.])
+    lengths = torch.tensor([5., 9., 14., 30., 3., 40., 41., 7., 12., 12., 12., 12.])
     adv = 0.05 * lengths + torch.randn(12)  # longer pays, as BLEU-1's brevity penalty makes it
     adv = adv - adv.view(3, 4).mean(1).repeat_interleave(4)  # group-centred, as TRL's are
 
@@ -324,14 +324,14 @@ def test_length_neutral_advantages_leave_nothing_for_length_alone():
     full = neutral_length_advantages(adv, lengths, 4)
     assert torch.allclose(cov(full), torch.zeros(3), atol=1e-4)
     assert torch.allclose(full.view(3, 4).mean(1), adv.view(3, 4).mean(1), atol=1e-6)
-    assert torch.equal(full[4:8], adv[4:8])  # all as long: nothing to take out
+    assert torch.equal(full[8:], adv[8:])  # all as long: nothing to take out
     half = neutral_length_advantages(adv, lengths, 4, strength=0.5)
     assert torch.allclose(cov(half), cov(adv) / 2, atol=1e-4)
     assert length_correlation(adv, lengths, 4) > 0.3 and abs(length_correlation(full, lengths, 4)) < 1e-5
     assert length_correlation(torch.zeros(4), torch.arange(4.0), 4) == 0.0  # tied: nothing depends on length
     assert length_correlation(torch.arange(4.0), torch.ones(4), 4) is None  # equally long: nothing to say
 
-    # two processes of 6 completions each: a group (4..7) spans them; each gets its slice of the whole
+    # two processes of 6 completions each: the second group (4..7) spans them; each gets its slice of the whole
     process0 = [adv[:6], lengths[:6]]  # what the other process contributes to each gather, in turn
     acc = SimpleNamespace(process_index=1, gather=lambda t: torch.cat([process0.pop(0), t]))
     trainer = SimpleNamespace(accelerator=acc, num_generations=4, length_neutral=1.0,

@@ -337,7 +337,7 @@ def trainer_class():
         def _generate_and_score_completions(self, inputs):
             self._rewards_seen = None
             out = super()._generate_and_score_completions(inputs)
-            if self.length_neutral and self.model.training and out["advantages"].dim() == 1:
+            if self.length_neutral and self.model.training:
                 out = neutralise_length(self, out)
             if self.skip_tied_groups and self.model.training and self._rewards_seen is not None:
                 out = drop_tied_groups(self, out, self._rewards_seen)
