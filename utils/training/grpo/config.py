@@ -71,8 +71,8 @@ class GRPOTrainConfig(TrainConfig, RewardMix):
                                  "skipped_tied_groups.")
     length_neutral: float = fld(0.0, "Share of each group's advantages that completion length explains (least "
                                 "squares within the group) taken out of them: 1 leaves no reward for length "
-                                "alone, so answers grow or shrink only as far as what they say pulls them; 0 "
-                                "keeps TRL's advantages. Logged as advantage_length_corr (before) and "
+                                "alone (answers may still change length with what they say); 0 keeps TRL's "
+                                "advantages. Logged as advantage_length_corr (before) and "
                                 "advantage_length_corr_after.", check=(probability, "a number in [0, 1]"))
     beta: float = fld(0.0, "Weight of the KL penalty to the starting policy; 0 skips the reference pass (and the KL "
                       "log).", check=(non_negative, "a number >= 0"))

@@ -192,8 +192,8 @@ def neutral_length_advantages(advantages, lengths, num_generations: int, strengt
     """Per group of ``num_generations`` consecutive completions, take ``strength`` x the part of the advantages
     that a straight line in completion length explains out of them (least squares within the group). The
     group's mean advantage is kept; a group whose completions are all as long is left as it is. At strength 1
-    a longer or shorter answer earns nothing for its length alone inside its group, so the policy's length
-    moves only as far as what it says pulls it.
+    a longer or shorter answer earns nothing for its length alone inside its group (its length may still
+    change with what it says).
 
     >>> import torch
     >>> neutral_length_advantages(torch.tensor([-1., 1., -1., 1.]), torch.tensor([10., 20., 5., 5.]), 2).tolist()
