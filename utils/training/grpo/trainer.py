@@ -188,6 +188,12 @@ def drop_tied_groups(trainer, out: dict, rewards) -> dict:
     return out
 
 
+def _centred_by_group(x, num_generations: int):
+    """``x`` as groups x completions, each group's mean subtracted."""
+    g = x.reshape(-1, num_generations).float()
+    return g - g.mean(dim=1, keepdim=True)
+
+
 def neutral_length_advantages(advantages, lengths, num_generations: int, strength: float = 1.0):
     """Per group of ``num_generations`` consecutive completions, take ``strength`` x the part of the advantages
     that a straight line in completion length explains out of them (least squares within the group). The
@@ -202,8 +208,7 @@ def neutral_length_advantages(advantages, lengths, num_generations: int, strengt
     import torch
 
     a = advantages.reshape(-1, num_generations).float()
-    lc = lengths.reshape(-1, num_generations).float()
-    lc = lc - lc.mean(dim=1, keepdim=True)
+    lc = _centred_by_group(lengths, num_generations)
     var = (lc * lc).sum(dim=1, keepdim=True)
     slope = torch.where(var > 0, (a * lc).sum(dim=1, keepdim=True) / var.clamp_min(1e-12), torch.zeros_like(var))
     return (a - strength * slope * lc).reshape(advantages.shape).to(advantages.dtype)
@@ -220,10 +225,8 @@ def length_correlation(advantages, lengths, num_generations: int) -> float | Non
     """
     import torch
 
-    a = advantages.reshape(-1, num_generations).float()
-    a = a - a.mean(dim=1, keepdim=True)
-    lc = lengths.reshape(-1, num_generations).float()
-    lc = lc - lc.mean(dim=1, keepdim=True)
+    a = _centred_by_group(advantages, num_generations)
+    lc = _centred_by_group(lengths, num_generations)
     na, nl = a.norm(dim=1), lc.norm(dim=1)
     ok = nl > 0
     if not ok.any():
