@@ -40,6 +40,11 @@ def test_yaml_then_flags(tmp_path):
     assert (cfg.lr, cfg.steps, cfg.tasks, cfg.weights, cfg.merge) == (3e-4, 7, ["EBK", "CK"], {"rouge": 1.0}, False)
     assert parse_args(Cfg, ["--merge"]).merge is True
     assert parse_args(Cfg, ["--weights", "{format: 0.5}"]).weights == {"format": 0.5}
+    # a list flag also takes the YAML form the file uses (pasted from a recipe); an unclosed one is an error
+    assert parse_args(Cfg, ["--tasks", "[EBK, CK]"]).tasks == ["EBK", "CK"]
+    assert parse_args(Cfg, ["--tasks", "[]"]).tasks == []
+    with pytest.raises(ConfigError, match=r"command line --tasks"):
+        parse_args(Cfg, ["--tasks", "[EBK, CK"])
 
 
 # Each case: YAML text, and the words the one-line error must contain (file, key, what is allowed).

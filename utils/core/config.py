@@ -124,8 +124,14 @@ def _coerce(value, tp):
         raise _Mismatch
     if origin is list:
         (inner,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):  # comma-separated on the command line
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # on the command line: comma-separated, or YAML's [a, b] as in the file
+            if value.strip().startswith("["):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError as e:
+                    raise _Mismatch from e
+            else:
+                value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise _Mismatch
         return [_coerce(v, inner) for v in value]
