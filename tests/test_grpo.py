@@ -18,7 +18,13 @@ from tests.conftest import ROOT
 from utils.core.artifacts import is_complete_checkpoint
 from utils.core.cli import run
 from utils.core.config import ConfigError, load_config
-from utils.training.grpo.callbacks import heldout_ratio_interval, heldout_summary, paired_change, samples_markdown
+from utils.training.grpo.callbacks import (
+    hacking_signature,
+    heldout_ratio_interval,
+    heldout_summary,
+    paired_change,
+    samples_markdown,
+)
 from utils.training.grpo.config import GRPOTrainConfig
 from utils.training.grpo.run import _prepare_run_dir
 
@@ -397,6 +403,44 @@ def test_heldout_summary_and_paired_change():
     last = [{"total": 0.3}, {"total": 0.6}, {"total": 0.9}, {"total": 0.3}]
     c = paired_change(first, last)
     assert c["n"] == 3 and c["mean"] == pytest.approx(0.1) and c["stderr"] == pytest.approx(0.1 / 3 ** 0.5)
+
+
+def test_hacking_signature_needs_the_learned_reward_up_and_the_rule_mix_down():
+    import random
+
+    from utils.training.grpo.run import _hacking_line
+
+    rng = random.Random(0)
+    n = 60
+    first = [{"reward_model": 0.5 + rng.gauss(0, 0.05), "rouge": 0.4 + rng.gauss(0, 0.05),
+              "terms": 0.2 + rng.gauss(0, 0.05), "format": 1.0} for _ in range(n)]
+
+    def moved(rm: float, rouge: float, terms: float, fmt: float | None = 1.0) -> list[dict]:
+        def jitter() -> float:
+            return rng.gauss(0, 0.01)
+
+        return [{"reward_model": f["reward_model"] + rm + jitter(), "rouge": f["rouge"] + rouge + jitter(),
+                 "terms": f["terms"] + terms + jitter(), "format": fmt} for f in first]
+
+    weights = {"rouge": 1.5, "terms": 1.0, "format": 0.5, "reward_model": 1.0}
+    # the reward model pleased, the rules paying for it: the signature, with the rules that fell named
+    h = hacking_signature(first, moved(0.1, -0.05, -0.05), weights)
+    assert h["signature"] and h["learned_rising"] == ["reward_model"] and h["rules_falling"] == ["rouge", "terms"]
+    assert h["rules"]["mean"] == pytest.approx((1.5 * -0.05 + -0.05) / 3, abs=0.005)
+    assert h["learned"]["reward_model"]["mean"] == pytest.approx(0.1, abs=0.005)
+    assert "**the hacking signature**" in _hacking_line(h) and "rouge, terms" in _hacking_line(h)
+    # everything up together: no signature
+    h = hacking_signature(first, moved(0.1, 0.05, 0.05), weights)
+    assert not h["signature"] and h["rules_falling"] == [] and "no hacking signature" in _hacking_line(h)
+    # one rule falls while the mix rises: named, but the mix decides
+    h = hacking_signature(first, moved(0.1, 0.05, -0.03), weights)
+    assert not h["signature"] and h["rules_falling"] == ["terms"]
+    # the rules fall but the reward model does not rise: not the signature either
+    assert not hacking_signature(first, moved(0.0, -0.05, -0.05), weights)["signature"]
+    # a rule logged at weight 0 is not part of the mix; a mix without a learned reward has nothing to check
+    assert "format" not in hacking_signature(first, moved(0.1, 0.0, 0.0, fmt=0.0), {**weights, "format": 0.0})[
+        "rules_falling"]
+    assert hacking_signature(first, moved(0.1, -0.05, -0.05), {"rouge": 1.0}) == {}
 
 
 def _evals(steps_totals: list[tuple[int, list[float | None]]]) -> list[dict]:

@@ -459,3 +459,17 @@ def test_train_score_and_audit_a_tiny_reward_model(tiny_llama, processed, tmp_pa
     result = json.loads((tmp_path / "audit.json").read_text())
     assert result["passed"] and result["mix"]["reward_model"] > 0
     assert "| keyword stuffing |" in capsys.readouterr().out
+
+    # GRPO with the trained reward model in the mix: metrics.json and the model card say whether the policy
+    # pleased it at the rule rewards' expense (the hacking check of the held-out prompts, first against last)
+    from tests.test_grpo import TINY_REWARDS, run_cli, tiny_config
+
+    weights = {**TINY_REWARDS, "reward_model": 1.0}
+    cfg = tiny_config(tmp_path, tiny_llama, processed, rewards=weights, reward_model=str(out), max_steps=2,
+                      run_dir=str(tmp_path / "grpo-run"), output_dir=str(tmp_path / "grpo-out"))
+    assert run_cli(["--config", str(cfg)], capsys) == (0, "")
+    m = json.loads((tmp_path / "grpo-out/metrics.json").read_text())
+    h = m["reward_hacking"]
+    assert set(h["learned"]) == {"reward_model"} and h["z"] == 2.0 and isinstance(h["signature"], bool)
+    assert set(h["rules_falling"]) <= set(TINY_REWARDS) and h["learned"]["reward_model"]["n"] == 3
+    assert "Learned against rule rewards" in (tmp_path / "grpo-out/README.md").read_text()

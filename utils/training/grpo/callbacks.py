@@ -56,6 +56,46 @@ def paired_change(first: list[dict], last: list[dict], key: str = "total") -> di
     return {"mean": sum(diffs) / len(diffs), "stderr": se, "n": len(diffs)}
 
 
+LEARNED_REWARDS = ("reward_model",)  # rewards a model gives, which a policy can learn to please
+
+
+def hacking_signature(first: list[dict], last: list[dict], weights: dict[str, float], z: float = 2.0) -> dict:
+    """Does the policy please a learned reward at the expense of the rule-based ones? ``first`` and ``last``
+    are the per-prompt scores of two held-out evaluations of the same prompts (step 0 and the end). The
+    signature: a learned reward (``reward_model``) rises while the weighted mix of the rule rewards falls, each
+    change beyond ``z`` paired standard errors. ``rules_falling`` names each rule reward with a positive weight
+    that fell that far (a rule can fall for reasons of its own, so only the mix decides the signature).
+    {} when the mix holds no learned reward.
+
+    >>> first = [{"reward_model": .5, "rouge": .4 + i / 100} for i in range(8)]
+    >>> last = [{"reward_model": .7 + i / 200, "rouge": .3 + i / 100} for i in range(8)]
+    >>> h = hacking_signature(first, last, {"rouge": 1.0, "reward_model": 1.0})
+    >>> h["signature"], h["rules_falling"], round(h["rules"]["mean"], 2)
+    (True, ['rouge'], -0.1)
+    """
+    from utils.rewards.mix import weighted_total
+
+    learned = [k for k in weights if k in LEARNED_REWARDS]
+    rules = {k: w for k, w in weights.items() if k not in LEARNED_REWARDS and w > 0}
+    if not learned or not rules:
+        return {}
+
+    def with_rules(scores: list[dict]) -> list[dict]:
+        return [{**s, "rules": weighted_total(s, rules)} for s in scores]
+
+    first, last = with_rules(first), with_rules(last)
+    up = {k: c for k in learned if (c := paired_change(first, last, k))}
+    mix = paired_change(first, last, "rules")
+
+    def fell(c: dict) -> bool:
+        return bool(c) and c["mean"] + z * c["stderr"] < 0
+
+    falling = [k for k in rules if fell(paired_change(first, last, k))]
+    rising = [k for k, c in up.items() if c["mean"] - z * c["stderr"] > 0]
+    return {"learned": up, "rules": mix, "rules_falling": falling, "learned_rising": rising, "z": z,
+            "signature": bool(rising) and fell(mix)}
+
+
 class _Callback:
     """A transformers ``TrainerCallback`` by duck typing: the events a subclass does not define do nothing.
     (Subclassing the real one would import transformers with this module, slowing ``--help``.)"""

@@ -20,6 +20,7 @@ from utils.training.grpo.callbacks import (
     SampleLogger,
     TimeLimit,
     _read_heldout,
+    hacking_signature,
     heldout_ratio_interval,
     heldout_summary,
     paired_change,
@@ -198,11 +199,28 @@ def final_metrics(cfg: GRPOTrainConfig, trainer, ckpt: str | None, n_train: int,
                                    for k in ["total", *cfg.rewards]}
         extra["heldout_change_steps"] = [first["step"], last["step"]]
         extra["heldout_ratio"] = heldout_ratio_interval(evals)
+        hacking = hacking_signature([a for a, _ in pairs], [b for _, b in pairs], cfg.rewards)
+        if hacking:
+            extra["reward_hacking"] = hacking
+            if hacking["signature"]:
+                log.warning("reward hacking signature on the held-out prompts: %s rose while the rule rewards' "
+                            "mix fell by %.4f (falling: %s); the policy may be pleasing the reward model",
+                            ", ".join(hacking["learned_rising"]), hacking["rules"]["mean"],
+                            ", ".join(hacking["rules_falling"]) or "no single rule")
     out = training_metrics(trainer, extra)
     out.pop("eval_loss", None)
     out.pop("train_loss", None)
     out["train"] = {k: v for k, v in summary.items() if k != "step"}
     return out
+
+
+def _hacking_line(h: dict) -> str:
+    learned = "; ".join(f"{k} {c['mean']:+.4f} +- {c['stderr']:.4f}" for k, c in h["learned"].items())
+    verdict = ("**the hacking signature**: a learned reward rose while the rule rewards fell; the policy may be "
+               "pleasing the reward model" if h["signature"] else "no hacking signature")
+    falling = f" Rule rewards that fell: {', '.join(h['rules_falling'])}." if h["rules_falling"] else ""
+    return (f"Learned against rule rewards (paired changes, {h['z']:g} standard errors decide): {learned}; the rule "
+            f"rewards' mix {h['rules']['mean']:+.4f} +- {h['rules']['stderr']:.4f}: {verdict}.{falling}")
 
 
 def model_card(cfg: GRPOTrainConfig, metrics: dict, base_ref: str | None) -> str:
@@ -216,6 +234,7 @@ def model_card(cfg: GRPOTrainConfig, metrics: dict, base_ref: str | None) -> str
     rows = [f"| {k} | {fmt(first, k)} | {fmt(last, k)} |" for k in names]
     change = metrics.get("heldout_change", {}).get("total", {})
     ratio = metrics.get("heldout_ratio") or {}
+    hacking = metrics.get("reward_hacking") or {}
     lora = (f"LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}" if cfg.adapter == "lora" else "full fine-tuning")
     return "\n".join([
         f"# ECG-GRPO policy ({cfg.base_model})", "",
@@ -243,7 +262,8 @@ def model_card(cfg: GRPOTrainConfig, metrics: dict, base_ref: str | None) -> str
          f"{change['n']} prompts)." if change else ""),
         (f"Gain over step noise (the spread of the changes between evaluations): {ratio['value']:.1f}x; on "
          f"bootstrap resamples of the held-out prompts {ratio['lo']:.1f}-{ratio['hi']:.1f}x "
-         f"({ratio['confidence']:.0%}), median {ratio['median']:.1f}x." if ratio else ""), "",
+         f"({ratio['confidence']:.0%}), median {ratio['median']:.1f}x." if ratio else ""),
+        (_hacking_line(hacking) if hacking else ""), "",
         "## Limitations", "",
         "Educational use only: not medical advice. The rewards are automatic proxies of answer quality; "
         "ECG-Expert-QA states no license upstream, so this model is for research within those terms.", ""])
