@@ -40,10 +40,12 @@ def _report(tmp_path, shifts: dict[str, dict[str, float]], balanced: dict[str, f
         folder = tmp_path / n
         folder.mkdir()
         if n in heldout:
-            gain, noise, *interval = heldout[n]
+            gain, noise, *extra = heldout[n]
+            interval, hacking = (extra + [None, None])[:2]
             (folder / "metrics.json").write_text(json.dumps({"heldout_change": {"total": {"mean": gain}},
                                                              "heldout_step_noise": noise,
-                                                             **({"heldout_ratio": interval[0]} if interval else {})}))
+                                                             **({"heldout_ratio": interval} if interval else {}),
+                                                             **({"reward_hacking": hacking} if hacking else {})}))
         models.append({"name": n, "path": str(folder)})
     report = tmp_path / "report"
     report.mkdir()
@@ -78,6 +80,21 @@ def test_a_run_that_gains_everywhere_passes_and_one_that_does_not_says_why(tmp_p
     assert "no: no benchmark metric down" in table and "5.0x" in table
     # the ratio's interval over resamples of the held-out prompts, where training wrote one
     assert "= 5.0x (90%: 0.4-9.1x) |" in table and "| flat |" in table and table.count("(90%:") == 1
+
+
+def test_a_run_that_pleased_its_reward_model_fails_the_bar(tmp_path):
+    up = {"rouge": 0.05, "bleu1": 0.05, "meteor": 0.0, "total": 0.05}
+    report = _report(tmp_path, {"hacked": up, "clean": up}, {"sft": 0.45, "hacked": 0.5, "clean": 0.5},
+                     {"hacked": (0.01, 0.002, None, {"signature": True}),
+                      "clean": (0.01, 0.002, None, {"signature": False})})
+    by = {r.name: r for r in seed_results(report)[0]}
+    assert by["clean"].passes and by["clean"].checks["no reward hacking"]
+    assert {k for k, v in by["hacked"].checks.items() if not v} == {"no reward hacking"}
+    assert "| hacked |" in seed_table(report) and "no: no reward hacking" in seed_table(report)
+    # a run without a reward model in its mix has no such check
+    (tmp_path / "other").mkdir()
+    report = _report(tmp_path / "other", {"plain": up}, {"sft": 0.45, "plain": 0.5}, {"plain": (0.01, 0.002)})
+    assert "no reward hacking" not in seed_results(report)[0][0].checks
 
 
 def test_a_baseline_after_the_runs_is_read_the_other_way_round(tmp_path):

@@ -11,7 +11,9 @@ noise), and says for each run, and for the runs pooled, whether it meets the bar
 - yes/no balanced accuracy rises;
 - the held-out reward gain is at least 3x its step noise (per run; the pooled row has none). Beside it, the
   ratio's 90% interval over bootstrap resamples of the held-out prompts (training's ``heldout_ratio``): how
-  much the verdict owes to which prompts happened to be held out.
+  much the verdict owes to which prompts happened to be held out;
+- with a trained reward model in the run's mix: no reward-hacking signature (training's ``reward_hacking``:
+  the reward model's held-out score up while the rule rewards' mix fell).
 
 "Pooled" compares the baseline with the per-item mean of the runs' scores: the recipe's expected answer
 quality, with the seed-to-seed spread averaged out, on the same paired test.
@@ -43,6 +45,7 @@ class RunResult:
     heldout_gain: float | None = None
     heldout_noise: float | None = None
     heldout_ratio: dict = field(default_factory=dict)  # the ratio's bootstrap over held-out prompts (median, lo, hi)
+    hacking: dict = field(default_factory=dict)  # training's reward-hacking check ({} without a reward model)
     checks: dict[str, bool] = field(default_factory=dict)
 
     @property
@@ -59,17 +62,17 @@ def _read(path: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
-def _heldout(model_path: str | None) -> tuple[float | None, float | None, dict]:
-    """(held-out total change, step noise, the ratio's bootstrap interval) from a GRPO output folder's
-    metrics.json; None / {} where absent."""
+def _heldout(model_path: str | None) -> tuple[float | None, float | None, dict, dict]:
+    """(held-out total change, step noise, the ratio's bootstrap interval, the reward-hacking check) from a
+    GRPO output folder's metrics.json; None / {} where absent."""
     if not model_path:
-        return None, None, {}
+        return None, None, {}, {}
     path = Path(model_path) / "metrics.json"
     if not path.is_file():
-        return None, None, {}
+        return None, None, {}, {}
     m = _read(path)
     change = (m.get("heldout_change") or {}).get("total") or {}
-    return change.get("mean"), m.get("heldout_step_noise"), m.get("heldout_ratio") or {}
+    return change.get("mean"), m.get("heldout_step_noise"), m.get("heldout_ratio") or {}, m.get("reward_hacking") or {}
 
 
 def _check(r: RunResult, base_balanced: float | None, alpha: float) -> dict[str, bool]:
@@ -90,6 +93,8 @@ def _check(r: RunResult, base_balanced: float | None, alpha: float) -> dict[str,
     if r.name != "pooled":
         checks["held-out gain >= 3x noise"] = (r.heldout_gain is not None and bool(r.heldout_noise)
                                                and r.heldout_gain >= NOISE_FACTOR * r.heldout_noise)
+    if r.hacking:
+        checks["no reward hacking"] = not r.hacking.get("signature")
     return checks
 
 
@@ -126,8 +131,8 @@ def seed_results(report: str | Path, baseline: str = "sft", alpha: float = 0.05,
         # the other way round.
         diffs = paired.get(n) or {m: _flip(d) for p in meta.get("paired", []) if p["a"] == n and p["b"] == baseline
                                   for m, d in p["metrics"].items()}
-        gain, noise, interval = _heldout(paths.get(n))
-        out.append(RunResult(n, {m: diffs.get(m) for m in metrics}, balanced.get(n), gain, noise, interval))
+        gain, noise, interval, hacking = _heldout(paths.get(n))
+        out.append(RunResult(n, {m: diffs.get(m) for m in metrics}, balanced.get(n), gain, noise, interval, hacking))
 
     if len(runs) > 1:
         items = [json.loads(line) for line in (report / "answers.jsonl").read_text(encoding="utf-8").splitlines()
