@@ -441,6 +441,7 @@ def test_hacking_signature_needs_the_learned_reward_up_and_the_rule_mix_down():
     assert "format" not in hacking_signature(first, moved(0.1, 0.0, 0.0, fmt=0.0), {**weights, "format": 0.0})[
         "rules_falling"]
     assert hacking_signature(first, moved(0.1, -0.05, -0.05), {"rouge": 1.0}) == {}
+    assert hacking_signature(first[:1], moved(0.1, -0.05, -0.05)[:1], weights) == {}  # no standard error
 
 
 def _evals(steps_totals: list[tuple[int, list[float | None]]]) -> list[dict]:

@@ -65,7 +65,7 @@ def hacking_signature(first: list[dict], last: list[dict], weights: dict[str, fl
     signature: a learned reward (``reward_model``) rises while the weighted mix of the rule rewards falls, each
     change beyond ``z`` paired standard errors. ``rules_falling`` names each rule reward with a positive weight
     that fell that far (a rule can fall for reasons of its own, so only the mix decides the signature).
-    {} when the mix holds no learned reward.
+    {} when the mix holds no learned reward, or fewer than two prompts have both scores.
 
     >>> first = [{"reward_model": .5, "rouge": .4 + i / 100} for i in range(8)]
     >>> last = [{"reward_model": .7 + i / 200, "rouge": .3 + i / 100} for i in range(8)]
@@ -86,6 +86,8 @@ def hacking_signature(first: list[dict], last: list[dict], weights: dict[str, fl
     first, last = with_rules(first), with_rules(last)
     up = {k: c for k in learned if (c := paired_change(first, last, k))}
     mix = paired_change(first, last, "rules")
+    if not up or not mix:  # fewer than two prompts scored both times: no standard error to decide by
+        return {}
 
     def fell(c: dict) -> bool:
         return bool(c) and c["mean"] + z * c["stderr"] < 0
