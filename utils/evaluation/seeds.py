@@ -62,17 +62,11 @@ def _read(path: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
-def _heldout(model_path: str | None) -> tuple[float | None, float | None, dict, dict]:
-    """(held-out total change, step noise, the ratio's bootstrap interval, the reward-hacking check) from a
-    GRPO output folder's metrics.json; None / {} where absent."""
-    if not model_path:
-        return None, None, {}, {}
-    path = Path(model_path) / "metrics.json"
-    if not path.is_file():
-        return None, None, {}, {}
-    m = _read(path)
-    change = (m.get("heldout_change") or {}).get("total") or {}
-    return change.get("mean"), m.get("heldout_step_noise"), m.get("heldout_ratio") or {}, m.get("reward_hacking") or {}
+def _training_metrics(model_path: str | None) -> dict:
+    """A GRPO output folder's metrics.json (held-out change, step noise, the ratio's interval, the
+    reward-hacking check); {} where absent."""
+    path = Path(model_path) / "metrics.json" if model_path else None
+    return _read(path) if path and path.is_file() else {}
 
 
 def _check(r: RunResult, base_balanced: float | None, alpha: float) -> dict[str, bool]:
@@ -131,8 +125,10 @@ def seed_results(report: str | Path, baseline: str = "sft", alpha: float = 0.05,
         # the other way round.
         diffs = paired.get(n) or {m: _flip(d) for p in meta.get("paired", []) if p["a"] == n and p["b"] == baseline
                                   for m, d in p["metrics"].items()}
-        gain, noise, interval, hacking = _heldout(paths.get(n))
-        out.append(RunResult(n, {m: diffs.get(m) for m in metrics}, balanced.get(n), gain, noise, interval, hacking))
+        t = _training_metrics(paths.get(n))
+        gain = ((t.get("heldout_change") or {}).get("total") or {}).get("mean")
+        out.append(RunResult(n, {m: diffs.get(m) for m in metrics}, balanced.get(n), gain, t.get("heldout_step_noise"),
+                             t.get("heldout_ratio") or {}, t.get("reward_hacking") or {}))
 
     if len(runs) > 1:
         items = [json.loads(line) for line in (report / "answers.jsonl").read_text(encoding="utf-8").splitlines()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.core.artifacts import read_log
+from utils.rewards.mix import weighted_total
 from utils.rewards.rules import completion_text
 from utils.training.grpo.config import GRPOTrainConfig
 from utils.training.grpo.trainer import merged_adapter
@@ -73,8 +74,6 @@ def hacking_signature(first: list[dict], last: list[dict], weights: dict[str, fl
     >>> h["signature"], h["rules_falling"], round(h["rules"]["mean"], 2)
     (True, ['rouge'], -0.1)
     """
-    from utils.rewards.mix import weighted_total
-
     learned = [k for k in weights if k in LEARNED_REWARDS]
     rules = {k: w for k, w in weights.items() if k not in LEARNED_REWARDS and w > 0}
     if not learned or not rules:
