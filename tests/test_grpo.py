@@ -19,6 +19,8 @@ from utils.core.artifacts import is_complete_checkpoint
 from utils.core.cli import run
 from utils.core.config import ConfigError, load_config
 from utils.training.grpo.callbacks import (
+    EMA_FILE,
+    WeightEMA,
     hacking_signature,
     heldout_ratio_interval,
     heldout_summary,
@@ -106,6 +108,7 @@ def metrics_of(tmp_path: Path) -> dict:
     ({"trainer_extra": {"push_to_hub": True}}, "'push_to_hub' has a config key of its own here"),
     ({"trainer_extra": {"use_liger_kernel": True}}, "expected liger_kernel instead"),
     ({"length_neutral": 1.5}, "key 'length_neutral' = 1.5: expected a number in [0, 1]"),
+    ({"weight_ema": 1.0}, "key 'weight_ema' = 1.0: expected a number in [0, 1)"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, over, expected):
     path = tmp_path / "bad.yaml"
@@ -160,6 +163,13 @@ def test_vllm_and_deepspeed_without_the_package_fail_clearly(tmp_path, processed
         monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
         code, err = run_cli(["--config", str(ROOT / "configs/cpu/grpo.yaml"), "--data-dir", str(processed)], capsys)
         assert code == 2 and "deepspeed is not installed" in err and "configs/accelerate/ddp.yaml" in err
+
+
+def test_weight_ema_under_zero3_fails_clearly(tmp_path, processed, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    code, err = run_cli(["--config", str(ROOT / "configs/cpu/grpo.yaml"), "--data-dir", str(processed),
+                         "--weight-ema", "0.9"], capsys)
+    assert code == 2 and "weight_ema 0.9" in err and "ZeRO-3" in err
 
 
 def test_missing_sft_policy_names_the_script(tmp_path, processed, capsys, monkeypatch):
@@ -481,6 +491,52 @@ def test_heldout_ratio_interval_says_how_much_the_verdict_owes_to_the_prompts():
     assert heldout_ratio_interval(_evals([(s, [0.5, 0.6]) for s in (0, 20, 40)])) == {}  # no step noise
 
 
+def test_weight_ema_averages_lends_and_resumes(tmp_path):
+    """The average starts at the starting weights, moves by (1 - decay) of the gap each step, leaves frozen
+    weights alone; applied() lends it and restores the live weights; a checkpoint carries it to a resumed run,
+    and a checkpoint of another model's weights is refused."""
+    import torch
+
+    class Trainer:  # what WeightEMA reads of a transformers Trainer
+        def __init__(self, model):
+            self.model = model
+            self.accelerator = type("Acc", (), {"is_main_process": True})()
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    model[1].requires_grad_(False)
+    frozen = model[1].weight.detach().clone()
+    start = model[0].weight.detach().clone()
+    ema = WeightEMA(0.75)
+    ema.trainer = Trainer(model)
+    ema.on_train_begin(None, None, None)
+    assert set(ema.avg) == {"0.weight", "0.bias"}
+    with torch.no_grad():
+        model[0].weight.add_(4.0)
+    ema.on_step_end(None, None, None)
+    assert torch.allclose(ema.avg["0.weight"], start + 1.0)
+    live = model[0].weight.detach().clone()
+    with ema.applied():
+        assert torch.allclose(model[0].weight, start + 1.0) and torch.equal(model[1].weight, frozen)
+    assert torch.equal(model[0].weight, live)
+
+    args = type("Args", (), {"output_dir": str(tmp_path)})()
+    (tmp_path / "checkpoint-1").mkdir()
+    ema.on_save(args, type("State", (), {"global_step": 1})(), None)
+    resumed = WeightEMA(0.75, str(tmp_path / "checkpoint-1"))
+    resumed.trainer = Trainer(model)
+    resumed.on_train_begin(None, None, None)
+    assert torch.allclose(resumed.avg["0.weight"], start + 1.0)
+    resumed.apply()
+    assert torch.allclose(model[0].weight, start + 1.0)
+
+    other = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    wrong = WeightEMA(0.75, str(tmp_path / "checkpoint-1"))
+    wrong.trainer = Trainer(torch.nn.ModuleDict({"x": other}))
+    with pytest.raises(ValueError, match=f"checkpoint-1/{EMA_FILE}: its averaged weights are not this model's"):
+        wrong.on_train_begin(None, None, None)
+
+
 def test_samples_markdown_groups_by_question():
     items = [{"question": "Is it AF?", "completion": "Yes | it is.", "rewards": {"yesno": 1.0, "rouge": None},
               "advantage": 0.7},
@@ -580,6 +636,45 @@ def test_tiny_grpo_run_through_the_command_line(tmp_path, processed, tiny_llama)
                 "heldout/total", "heldout/rouge", "train/skipped_tied_groups"):
         assert tag in scalars, (tag, sorted(scalars))
     assert texts, "no sample completions in TensorBoard"
+
+
+@pytest.mark.slow
+def test_weight_ema_is_what_the_heldout_reward_reads_and_the_run_saves(tmp_path, processed, tiny_llama, capsys,
+                                                                      monkeypatch):
+    """weight_ema in the recipe: the saved adapter is the average kept in the last checkpoint, not the live
+    weights the checkpoint holds; the held-out answers of each step come from the average; the card says so."""
+    from safetensors.torch import load_file
+
+    from utils.training.grpo import callbacks
+
+    monkeypatch.setenv("ECG_MODELS_DIR", str(tmp_path / "models"))
+    lent, real = [], callbacks.WeightEMA.applied
+
+    def spy(self):
+        lent.append(self.trainer.state.global_step)
+        return real(self)
+
+    monkeypatch.setattr(callbacks.WeightEMA, "applied", spy)
+    rewards = {**TINY_REWARDS, "length_match": 1.0}  # tells the tiny model's random answers apart (see above)
+    cfg = tiny_config(tmp_path, tiny_llama, processed, weight_ema=0.5, rewards=rewards, learning_rate=5e-2)
+    code, err = run_cli(["--config", str(cfg)], capsys)
+    assert code == 0, err
+    assert lent == [0, 1, 2]  # every held-out evaluation
+    ckpt = tmp_path / "run/checkpoint-2"
+    avg = torch_load(ckpt / EMA_FILE)
+    saved, live = load_file(tmp_path / "out/adapter_model.safetensors"), load_file(ckpt / "adapter_model.safetensors")
+    assert saved.keys() == live.keys() and len(avg) == len(saved)
+    # PEFT saves without the adapter's name: base_model.model....lora_A.weight for ....lora_A.default.weight
+    for name, tensor in avg.items():
+        assert saved[name.replace(".default", "")].equal(tensor.to(saved[name.replace(".default", "")].dtype))
+    assert any(not saved[k].equal(live[k]) for k in saved)
+    assert "moving average (decay 0.5)" in (tmp_path / "out/README.md").read_text()
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
-"""What GRPO logs besides TRL's metrics: the held-out reward, sample completions, a time limit.
+"""What GRPO logs besides TRL's metrics: the held-out reward, sample completions, a time limit; and the
+moving average of the weights that the held-out reward and the saved model may read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,6 +27,9 @@ HELDOUT_LOG = "heldout.jsonl"   # in the run folder: every held-out evaluation, 
 
 
 SAMPLES_LOG = "samples.jsonl"   # in the run folder: the sample completions logged every sample_steps
+
+
+EMA_FILE = "weight_ema.pt"      # in a checkpoint folder: the weights' moving average, so a resumed run continues it
 
 
 # ============================================================================= held-out reward, samples
@@ -117,6 +122,7 @@ class HeldOutReward(_Callback):
         self.cfg, self.rows, self.tok = cfg, rows, tokenizer
         self.trainer = None
         self.last_step = None
+        self.weights = contextlib.nullcontext  # WeightEMA.applied: answer with the weights' moving average
         self.max_new_tokens = cfg.heldout_max_new_tokens or cfg.max_completion_length
 
     def evaluate(self, step: int) -> dict | None:
@@ -132,8 +138,9 @@ class HeldOutReward(_Callback):
         # A process without prompts of its own answers the first one and drops the answer: under ZeRO-3
         # the processes must run the same generation calls, or the others wait for it for ever.
         prompts = [r["prompt"] for r in shard] or [self.rows[0]["prompt"]]
-        with unwrap_model_for_generation(tr.model_wrapped, acc, gather_deepspeed3_params=tr.args.ds3_gather_for_generation,
-                                         gradient_checkpointing_kwargs=tr.args.gradient_checkpointing_kwargs) as m, \
+        with self.weights(), \
+                unwrap_model_for_generation(tr.model_wrapped, acc, gather_deepspeed3_params=tr.args.ds3_gather_for_generation,
+                                            gradient_checkpointing_kwargs=tr.args.gradient_checkpointing_kwargs) as m, \
                 merged_adapter(m):
             answers = generate(m, self.tok, prompts, max_new_tokens=self.max_new_tokens,
                                batch_size=self.cfg.eval_batch_size or self.cfg.per_device_batch_size,
@@ -172,6 +179,81 @@ class HeldOutReward(_Callback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.rows and self.last_step != state.global_step:
             self.evaluate(state.global_step)
+
+
+class WeightEMA(_Callback):
+    """An exponential moving average of the trainable weights (Polyak averaging), updated after every
+    optimizer step: ``avg = decay * avg + (1 - decay) * weights``, starting from the starting policy's.
+    Sampling and training use the live weights; :meth:`applied` lends the average to the held-out reward
+    and :meth:`apply` puts it in the model for the final save. Why: a short GRPO run's policy wanders
+    between steps (its held-out reward moves by as much between two evaluations as over the run); the
+    average keeps the drift that the steps share and smooths out what one step's samples happened to push.
+    The average goes into every checkpoint (``weight_ema.pt``) so a resumed run continues it.
+    Needs whole parameters on every process (one process, DDP; not ZeRO-3, whose shards it would not see)."""
+
+    def __init__(self, decay: float, checkpoint: str | None = None):
+        self.decay, self.checkpoint = decay, checkpoint
+        self.trainer = None
+        self.avg: dict | None = None
+
+    def _params(self):
+        return [(n, p) for n, p in self.trainer.model.named_parameters() if p.requires_grad]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch
+
+        params = self._params()
+        saved = Path(self.checkpoint) / EMA_FILE if self.checkpoint else None
+        if saved is not None and saved.exists():
+            avg = torch.load(saved, map_location="cpu", weights_only=True)
+            if sorted(avg) != sorted(n for n, _ in params):
+                raise ValueError(f"{saved}: its averaged weights are not this model's trainable ones; resume with "
+                                 f"the settings that made it, or start a new run folder")
+            self.avg = {n: avg[n].to(p.device, p.dtype) for n, p in params}
+        else:
+            if self.checkpoint:
+                log.warning("%s has no %s: the weights' moving average starts again from the checkpoint's weights",
+                            self.checkpoint, EMA_FILE)
+            self.avg = {n: p.detach().clone() for n, p in params}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            for n, p in self._params():
+                self.avg[n].lerp_(p.detach(), 1.0 - self.decay)
+
+    def on_save(self, args, state, control, **kwargs):
+        import torch
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.trainer.accelerator.is_main_process and folder.is_dir():
+            torch.save({n: t.cpu() for n, t in self.avg.items()}, folder / EMA_FILE)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The model holds the average inside the block and its live weights again after it."""
+        import torch
+
+        params = self._params()
+        live = {n: p.detach().clone() for n, p in params}
+        with torch.no_grad():
+            for n, p in params:
+                p.copy_(self.avg[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params:
+                    p.copy_(live[n])
+
+    def apply(self) -> None:
+        """Put the average into the model for good (the final save)."""
+        import torch
+
+        with torch.no_grad():
+            for n, p in self._params():
+                p.copy_(self.avg[n])
 
 
 class DropEmptyMetrics(_Callback):

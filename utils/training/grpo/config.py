@@ -74,6 +74,11 @@ class GRPOTrainConfig(TrainConfig, RewardMix):
                                 "alone (answers may still change length with what they say); 0 keeps TRL's "
                                 "advantages. Logged as advantage_length_corr (before) and "
                                 "advantage_length_corr_after.", check=(probability, "a number in [0, 1]"))
+    weight_ema: float = fld(0.0, "Decay of an exponential moving average of the trainable weights, updated after "
+                            "every optimizer step: the held-out evaluations and the saved model use the average, "
+                            "sampling and training the live weights. 0: off; 0.9 averages over ~10 steps (the "
+                            "saved model then lags the live one by ~9 steps).",
+                            check=(lambda x: x is not None and 0.0 <= x < 1.0, "a number in [0, 1)"))
     beta: float = fld(0.0, "Weight of the KL penalty to the starting policy; 0 skips the reference pass (and the KL "
                       "log).", check=(non_negative, "a number >= 0"))
     epsilon: float = fld(0.2, "Clipping range of the probability ratio (lower side).", check=(positive, "a number > 0"))

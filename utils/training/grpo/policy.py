@@ -36,6 +36,9 @@ def check_backends(cfg: GRPOTrainConfig) -> None:
             raise UserError("use_vllm: true needs a CUDA GPU; set use_vllm: false on this machine")
     wants_ds = (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
                 or "deepspeed" in cfg.trainer_extra)
+    if cfg.weight_ema and _zero3():
+        raise UserError(f"weight_ema {cfg.weight_ema} averages whole parameters, which a ZeRO-3 process does not "
+                        "hold; launch with configs/accelerate/ddp.yaml or zero2.yaml, or set weight_ema: 0")
     if wants_ds and importlib.util.find_spec("deepspeed") is None:
         raise UserError("this run asks for DeepSpeed (a configs/accelerate/zero*.yaml launch or trainer_extra."
                         "deepspeed) but deepspeed is not installed: `pip install deepspeed` on a CUDA machine, or "

@@ -19,6 +19,7 @@ from utils.training.grpo.callbacks import (
     HeldOutReward,
     SampleLogger,
     TimeLimit,
+    WeightEMA,
     _read_heldout,
     hacking_signature,
     heldout_ratio_interval,
@@ -150,10 +151,14 @@ def run_grpo(cfg: GRPOTrainConfig) -> dict:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     log.info("training %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    ema = WeightEMA(cfg.weight_ema, ckpt) if cfg.weight_ema else None
     held = HeldOutReward(cfg, heldout, trainer.processing_class)
+    if ema is not None:
+        held.weights = ema.applied
     samples = SampleLogger(cfg)
     limit = TimeLimit(cfg.time_limit_minutes)
-    for cb in (held, samples, limit):
+    # The average is updated before the held-out reward reads it at the same step.
+    for cb in ([ema] if ema else []) + [held, samples, limit]:
         cb.trainer = trainer
         trainer.add_callback(cb)
     trainer.callback_handler.callbacks.insert(0, DropEmptyMetrics())
@@ -163,6 +168,8 @@ def run_grpo(cfg: GRPOTrainConfig) -> dict:
     metrics = final_metrics(cfg, trainer, ckpt, len(train), wall)
     if limit.stopped:
         metrics["stopped_by_time_limit"] = limit.stopped  # evaluation's report says so beside the results
+    if ema is not None:
+        ema.apply()  # the saved model is the average that the held-out reward measured
     model = trainer.model
     if hasattr(model, "peft_config") and "ref" in model.peft_config:
         model.delete_adapter("ref")  # TRL's frozen copy for the KL term, not part of the result
@@ -254,7 +261,9 @@ def model_card(cfg: GRPOTrainConfig, metrics: dict, base_ref: str | None) -> str
         + (f", length-neutral advantages {cfg.length_neutral}" if cfg.length_neutral else ""),
         f"- {metrics.get('global_step')} steps of {cfg.batch_size} completions ({cfg.num_generations} per prompt, at "
         f"most {cfg.max_completion_length} tokens, temperature {cfg.temperature}); loss {cfg.loss_type}, beta "
-        f"{cfg.beta}, learning rate {cfg.learning_rate}; {lora}",
+        f"{cfg.beta}, learning rate {cfg.learning_rate}; {lora}"
+        + (f"; the saved weights are their moving average (decay {cfg.weight_ema}), as the held-out reward "
+           f"measured them" if cfg.weight_ema else ""),
         f"- wall time {metrics.get('wall_seconds_this_run')} s (this run), peak RSS {metrics.get('peak_rss_mb')} MiB", "",
         f"## Held-out reward ({cfg.heldout_prompts} validation prompts, greedy)", "",
         f"| reward | step {first.get('step', '-')} | step {last.get('step', '-')} |", "| --- | ---: | ---: |", *rows, "",
