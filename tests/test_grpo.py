@@ -513,7 +513,7 @@ def test_weight_ema_averages_lends_and_resumes(tmp_path):
     assert set(ema.avg) == {"0.weight", "0.bias"}
     with torch.no_grad():
         model[0].weight.add_(4.0)
-    ema.on_step_end(None, None, None)
+    ema.on_step_end(None, None, type("Control", (), {"should_save": False})())
     assert torch.allclose(ema.avg["0.weight"], start + 1.0)
     live = model[0].weight.detach().clone()
     with ema.applied():
@@ -521,14 +521,14 @@ def test_weight_ema_averages_lends_and_resumes(tmp_path):
     assert torch.equal(model[0].weight, live)
 
     args = type("Args", (), {"output_dir": str(tmp_path)})()
-    (tmp_path / "checkpoint-1").mkdir()
-    ema.on_save(args, type("State", (), {"global_step": 1})(), None)
+    ema.on_step_end(args, type("State", (), {"global_step": 1})(), type("Control", (), {"should_save": True})())
+    assert torch.allclose(ema.avg["0.weight"], start + 1.75)  # a second step: a quarter of the gap to start + 4
     resumed = WeightEMA(0.75, str(tmp_path / "checkpoint-1"))
     resumed.trainer = Trainer(model)
     resumed.on_train_begin(None, None, None)
-    assert torch.allclose(resumed.avg["0.weight"], start + 1.0)
+    assert torch.allclose(resumed.avg["0.weight"], start + 1.75)
     resumed.apply()
-    assert torch.allclose(model[0].weight, start + 1.0)
+    assert torch.allclose(model[0].weight, start + 1.75)
 
     other = torch.nn.Sequential(torch.nn.Linear(3, 2))
     wrong = WeightEMA(0.75, str(tmp_path / "checkpoint-1"))
@@ -679,7 +679,10 @@ def torch_load(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_reaches_the_same_final_step(tmp_path, processed, tiny_llama):
-    cfg = tiny_config(tmp_path, tiny_llama, processed, policy="base", max_steps=5, eval_steps=2, sample_steps=0)
+    """Killed after a checkpoint, the run resumes there; the weights' moving average (weight_ema) goes on from
+    the one the checkpoint kept, not from the checkpoint's live weights."""
+    cfg = tiny_config(tmp_path, tiny_llama, processed, policy="base", max_steps=5, eval_steps=2, sample_steps=0,
+                      weight_ema=0.5)
     cmd = [sys.executable, "grpo_train.py", "--config", str(cfg)]
     env = script_env(tmp_path)
     log_path = tmp_path / "first.log"
@@ -699,6 +702,7 @@ def test_resume_after_sigkill_reaches_the_same_final_step(tmp_path, processed, t
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr
+    assert EMA_FILE not in r.stderr  # the warning that the average starts again
     m = metrics_of(tmp_path)
     assert m["global_step"] == 5 and m["max_steps"] == 5
     assert int(Path(m["resumed_from"]).name.split("-")[1]) >= 2

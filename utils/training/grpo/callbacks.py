@@ -222,12 +222,13 @@ class WeightEMA(_Callback):
         with torch.no_grad():
             for n, p in self._params():
                 self.avg[n].lerp_(p.detach(), 1.0 - self.decay)
-
-    def on_save(self, args, state, control, **kwargs):
-        import torch
-
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self.trainer.accelerator.is_main_process and folder.is_dir():
+        # Written into the step's checkpoint folder before the Trainer fills it: the Trainer writes
+        # trainer_state.json last, which makes a checkpoint complete, so a complete checkpoint always holds
+        # its average (after the Trainer's own on_save a kill could leave one without). The flow callback,
+        # which runs first, has already decided whether this step saves.
+        if control.should_save and self.trainer.accelerator.is_main_process:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
             torch.save({n: t.cpu() for n, t in self.avg.items()}, folder / EMA_FILE)
 
     @contextlib.contextmanager
