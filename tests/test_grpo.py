@@ -17,7 +17,7 @@ import grpo_train
 from tests.conftest import ROOT
 from utils.core.artifacts import is_complete_checkpoint
 from utils.core.cli import run
-from utils.core.config import ConfigError, load_config
+from utils.core.config import ConfigError, UserError, load_config
 from utils.training.grpo.callbacks import (
     EMA_FILE,
     WeightEMA,
@@ -533,7 +533,7 @@ def test_weight_ema_averages_lends_and_resumes(tmp_path):
     other = torch.nn.Sequential(torch.nn.Linear(3, 2))
     wrong = WeightEMA(0.75, str(tmp_path / "checkpoint-1"))
     wrong.trainer = Trainer(torch.nn.ModuleDict({"x": other}))
-    with pytest.raises(ValueError, match=f"checkpoint-1/{EMA_FILE}: its averaged weights are not this model's"):
+    with pytest.raises(UserError, match=f"checkpoint-1/{EMA_FILE}: its averaged weights are not this model's"):
         wrong.on_train_begin(None, None, None)
 
 

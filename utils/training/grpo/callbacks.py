@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.core.artifacts import read_log
+from utils.core.config import UserError
 from utils.rewards.mix import weighted_total
 from utils.rewards.rules import completion_text
 from utils.training.grpo.config import GRPOTrainConfig
@@ -207,7 +208,7 @@ class WeightEMA(_Callback):
         if saved is not None and saved.exists():
             avg = torch.load(saved, map_location="cpu", weights_only=True)
             if sorted(avg) != sorted(n for n, _ in params):
-                raise ValueError(f"{saved}: its averaged weights are not this model's trainable ones; resume with "
+                raise UserError(f"{saved}: its averaged weights are not this model's trainable ones; resume with "
                                  f"the settings that made it, or start a new run folder")
             self.avg = {n: avg[n].to(p.device, p.dtype) for n, p in params}
         else:
