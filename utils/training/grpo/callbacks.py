@@ -232,30 +232,26 @@ class WeightEMA(_Callback):
             folder.mkdir(parents=True, exist_ok=True)
             torch.save({n: t.cpu() for n, t in self.avg.items()}, folder / EMA_FILE)
 
-    @contextlib.contextmanager
-    def applied(self):
-        """The model holds the average inside the block and its live weights again after it."""
-        import torch
-
-        params = self._params()
-        live = {n: p.detach().clone() for n, p in params}
-        with torch.no_grad():
-            for n, p in params:
-                p.copy_(self.avg[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in params:
-                    p.copy_(live[n])
-
-    def apply(self) -> None:
-        """Put the average into the model for good (the final save)."""
+    def _load(self, tensors: dict) -> None:
         import torch
 
         with torch.no_grad():
             for n, p in self._params():
-                p.copy_(self.avg[n])
+                p.copy_(tensors[n])
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The model holds the average inside the block and its live weights again after it."""
+        live = {n: p.detach().clone() for n, p in self._params()}
+        self._load(self.avg)
+        try:
+            yield
+        finally:
+            self._load(live)
+
+    def apply(self) -> None:
+        """Put the average into the model for good (the final save)."""
+        self._load(self.avg)
 
 
 class DropEmptyMetrics(_Callback):
