@@ -109,6 +109,7 @@ def metrics_of(tmp_path: Path) -> dict:
     ({"trainer_extra": {"use_liger_kernel": True}}, "expected liger_kernel instead"),
     ({"length_neutral": 1.5}, "key 'length_neutral' = 1.5: expected a number in [0, 1]"),
     ({"weight_ema": 1.0}, "key 'weight_ema' = 1.0: expected a number in [0, 1)"),
+    ({"beta": 0.0, "beta_steps": 20}, "beta_steps 20 with beta 0"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, over, expected):
     path = tmp_path / "bad.yaml"
@@ -669,6 +670,21 @@ def test_weight_ema_is_what_the_heldout_reward_reads_and_the_run_saves(tmp_path,
         assert saved[name.replace(".default", "")].equal(tensor.to(saved[name.replace(".default", "")].dtype))
     assert any(not saved[k].equal(live[k]) for k in saved)
     assert "moving average (decay 0.5)" in (tmp_path / "out/README.md").read_text()
+
+
+@pytest.mark.slow
+def test_beta_steps_holds_the_kl_penalty_for_the_first_steps_only(tmp_path, processed, tiny_llama, capsys,
+                                                                  monkeypatch):
+    """beta_steps: 1 with beta > 0: the first step pays the KL penalty (TRL logs kl), the later ones run
+    without the reference pass (no kl logged); the model card says how long it held."""
+    monkeypatch.setenv("ECG_MODELS_DIR", str(tmp_path / "models"))
+    cfg = tiny_config(tmp_path, tiny_llama, processed, beta=0.1, beta_steps=1, max_steps=3)
+    code, err = run_cli(["--config", str(cfg)], capsys)
+    assert code == 0, err
+    curve = metrics_of(tmp_path)["train_curve"]
+    assert [h["step"] for h in curve] == [1, 2, 3]
+    assert ["kl" in h for h in curve] == [True, False, False]
+    assert "beta 0.1 for the first 1 steps" in (tmp_path / "out/README.md").read_text()
 
 
 def torch_load(path: Path) -> dict:

@@ -264,6 +264,21 @@ class DropEmptyMetrics(_Callback):
             del logs[k]
 
 
+class KLWindow(_Callback):
+    """Holds the KL penalty for the first ``steps`` optimizer steps, then sets the trainer's beta to 0, which
+    TRL reads at every step: the reference pass and the penalty stop. A resumed run past the window starts
+    without it, as the uninterrupted run was at that step."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # state.global_step counts the steps finished: this step is number global_step + 1
+        if state.global_step >= self.steps and self.trainer.beta:
+            log.info("KL penalty off from step %d (beta_steps %d)", state.global_step + 1, self.steps)
+            self.trainer.beta = 0.0
+
+
 class TimeLimit(_Callback):
     """Ends training once ``time_limit_minutes`` have passed since the first step began."""
 

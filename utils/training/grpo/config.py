@@ -81,6 +81,9 @@ class GRPOTrainConfig(TrainConfig, RewardMix):
                             check=(lambda x: x is not None and 0.0 <= x < 1.0, "a number in [0, 1)"))
     beta: float = fld(0.0, "Weight of the KL penalty to the starting policy; 0 skips the reference pass (and the KL "
                       "log).", check=(non_negative, "a number >= 0"))
+    beta_steps: int = fld(0, "Optimizer steps that the KL penalty holds for: 0: the whole run; N > 0: the first N "
+                          "steps only, then beta falls to 0 and the reference pass stops (a brake on the early "
+                          "steps, where short runs swing furthest).", check=(non_negative, "an integer >= 0"))
     epsilon: float = fld(0.2, "Clipping range of the probability ratio (lower side).", check=(positive, "a number > 0"))
     epsilon_high: float | None = fld(None, "Upper clipping range (DAPO's clip-higher, e.g. 0.28); null: epsilon.",
                                      check=(positive, "a number > 0"))
@@ -159,6 +162,9 @@ class GRPOTrainConfig(TrainConfig, RewardMix):
             raise ValueError(f"vllm_sleep_mode: true with use_vllm {self.use_vllm} and vllm_mode {self.vllm_mode}: "
                              "sleep mode frees a colocated engine's memory; expected use_vllm: true or auto with "
                              "vllm_mode: colocate")
+        if self.beta_steps and not self.beta:
+            raise ValueError(f"beta_steps {self.beta_steps} with beta 0: there is no KL penalty to hold for those "
+                             "steps; expected beta > 0 or beta_steps: 0")
         if self.vllm_server_base_url and not self.vllm_server_base_url.startswith(("http://", "https://")):
             raise ValueError(f"vllm_server_base_url {self.vllm_server_base_url!r}: expected http://host:port")
 

@@ -17,6 +17,7 @@ from utils.training.grpo.callbacks import (
     SAMPLES_LOG,
     DropEmptyMetrics,
     HeldOutReward,
+    KLWindow,
     SampleLogger,
     TimeLimit,
     WeightEMA,
@@ -157,8 +158,9 @@ def run_grpo(cfg: GRPOTrainConfig) -> dict:
         held.weights = ema.applied
     samples = SampleLogger(cfg)
     limit = TimeLimit(cfg.time_limit_minutes)
+    kl = [KLWindow(cfg.beta_steps)] if cfg.beta and cfg.beta_steps else []
     # The average is updated before the held-out reward reads it at the same step.
-    for cb in ([ema] if ema else []) + [held, samples, limit]:
+    for cb in ([ema] if ema else []) + [held, samples, limit] + kl:
         cb.trainer = trainer
         trainer.add_callback(cb)
     trainer.callback_handler.callbacks.insert(0, DropEmptyMetrics())
@@ -243,6 +245,7 @@ def model_card(cfg: GRPOTrainConfig, metrics: dict, base_ref: str | None) -> str
     ratio = metrics.get("heldout_ratio") or {}
     hacking = metrics.get("reward_hacking") or {}
     lora = (f"LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}" if cfg.adapter == "lora" else "full fine-tuning")
+    kl_window = f" for the first {cfg.beta_steps} steps" if cfg.beta and cfg.beta_steps else ""
     return "\n".join([
         f"# ECG-GRPO policy ({cfg.base_model})", "",
         f"GRPO fine-tune of `{cfg.policy}` (adapter on `{base_ref}`) on ECG-Expert-QA prompts "
@@ -261,7 +264,7 @@ def model_card(cfg: GRPOTrainConfig, metrics: dict, base_ref: str | None) -> str
         + (f", length-neutral advantages {cfg.length_neutral}" if cfg.length_neutral else ""),
         f"- {metrics.get('global_step')} steps of {cfg.batch_size} completions ({cfg.num_generations} per prompt, at "
         f"most {cfg.max_completion_length} tokens, temperature {cfg.temperature}); loss {cfg.loss_type}, beta "
-        f"{cfg.beta}, learning rate {cfg.learning_rate}; {lora}"
+        f"{cfg.beta}{kl_window}, learning rate {cfg.learning_rate}; {lora}"
         + (f"; the saved weights are their moving average (decay {cfg.weight_ema}), as the held-out reward "
            f"measured them" if cfg.weight_ema else ""),
         f"- wall time {metrics.get('wall_seconds_this_run')} s (this run), peak RSS {metrics.get('peak_rss_mb')} MiB", "",
