@@ -20,6 +20,7 @@ from utils.core.cli import run
 from utils.core.config import ConfigError, UserError, load_config
 from utils.training.grpo.callbacks import (
     EMA_FILE,
+    KLWindow,
     WeightEMA,
     hacking_signature,
     heldout_ratio_interval,
@@ -490,6 +491,24 @@ def test_heldout_ratio_interval_says_how_much_the_verdict_owes_to_the_prompts():
     assert r["value"] == pytest.approx(0.06 / statistics.stdev(b - a for a, b in zip(curve, curve[1:])))
     assert heldout_ratio_interval(again[:2]) == {} and heldout_ratio_interval([]) == {}
     assert heldout_ratio_interval(_evals([(s, [0.5, 0.6]) for s in (0, 20, 40)])) == {}  # no step noise
+
+
+def test_kl_window_lifts_the_penalty_after_its_steps():
+    """KLWindow(2): steps 1 and 2 keep beta, step 3 on runs without; a run resumed past the window starts
+    without it."""
+    from types import SimpleNamespace
+
+    window = KLWindow(2)
+    window.trainer = SimpleNamespace(beta=0.04)
+    seen = []
+    for finished in range(4):  # on_step_begin sees the steps finished so far
+        window.on_step_begin(None, SimpleNamespace(global_step=finished), None)
+        seen.append(window.trainer.beta)
+    assert seen == [0.04, 0.04, 0.0, 0.0]
+    resumed = KLWindow(2)
+    resumed.trainer = SimpleNamespace(beta=0.04)
+    resumed.on_step_begin(None, SimpleNamespace(global_step=8), None)
+    assert resumed.trainer.beta == 0.0
 
 
 def test_weight_ema_averages_lends_and_resumes(tmp_path):
