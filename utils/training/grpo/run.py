@@ -158,7 +158,7 @@ def run_grpo(cfg: GRPOTrainConfig) -> dict:
         held.weights = ema.applied
     samples = SampleLogger(cfg)
     limit = TimeLimit(cfg.time_limit_minutes)
-    kl = [KLWindow(cfg.beta_steps)] if cfg.beta and cfg.beta_steps else []
+    kl = [KLWindow(cfg.beta_steps)] if cfg.beta_steps else []  # the config refuses beta_steps without beta
     # The average is updated before the held-out reward reads it at the same step.
     for cb in ([ema] if ema else []) + [held, samples, limit] + kl:
         cb.trainer = trainer
@@ -245,7 +245,7 @@ def model_card(cfg: GRPOTrainConfig, metrics: dict, base_ref: str | None) -> str
     ratio = metrics.get("heldout_ratio") or {}
     hacking = metrics.get("reward_hacking") or {}
     lora = (f"LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}" if cfg.adapter == "lora" else "full fine-tuning")
-    kl_window = f" for the first {cfg.beta_steps} steps" if cfg.beta and cfg.beta_steps else ""
+    kl_window = f" for the first {cfg.beta_steps} steps" if cfg.beta_steps else ""
     return "\n".join([
         f"# ECG-GRPO policy ({cfg.base_model})", "",
         f"GRPO fine-tune of `{cfg.policy}` (adapter on `{base_ref}`) on ECG-Expert-QA prompts "
