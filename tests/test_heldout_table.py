@@ -57,6 +57,7 @@ def test_own_mix_and_one_mix_for_all(tmp_path):
     assert "the given mix" in table and "0.3500 / 0.3700 / 0.3800 / 0.4100" in table
     assert f"+0.0600 / {noise:.4f} = {0.06 / noise:.2f}x" in table
     assert "0.8500 / 0.8700" in compare_runs([str(a)])  # its own totals
+    assert table.endswith("at least 3x its step noise: 1 of 2 runs.")  # a: 6x; b: no gain
 
 
 def test_a_reward_the_run_never_logged_is_an_error_not_a_smaller_mix(tmp_path):
