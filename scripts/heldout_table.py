@@ -7,8 +7,8 @@ Usage:
 
 Reads each run folder's heldout.jsonl (grpo_train.py writes it: greedy answers to the held-out validation
 prompts every eval_steps, with every reward's score) and prints a markdown table: the mean total at each
-evaluation, its gain over the step noise (the spread of the changes between evaluations; the issue's bar is
-3x) with a 90% interval over resamples of the prompts, ROUGE-L / BLEU-1 / METEOR at the end and the answers'
+evaluation, its gain over the step noise (the spread of the changes between evaluations; the README's
+results hold every seed to 3x) with a 90% interval over resamples of the prompts, ROUGE-L / BLEU-1 / METEOR at the end and the answers'
 mean length in words. ``--mix`` recomputes every run's totals on one reward mix from the logged scores (a
 YAML config's ``rewards``, or a mapping), so that runs trained on different mixes are read on one yardstick;
 a reward the mix weighs and a run never logged is an error. Nothing is generated; a run may still be going.
@@ -18,30 +18,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-import yaml
 
 from utils.core.cli import guarded, setup_logging
-from utils.core.config import ConfigError, load_config
-
-
-def mix_weights(text: str) -> dict[str, float]:
-    """Reward weights from a YAML config's ``rewards`` (a file) or from a YAML mapping given inline."""
-    from utils.rewards.mix import RewardMix
-
-    path = Path(text)
-    if path.is_file():
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
-        if not isinstance(data, dict) or "rewards" not in data:
-            raise ConfigError(f"{path}: no 'rewards' mapping in it (a GRPO or evaluation config has one)")
-        text = data["rewards"]
-    elif not text.lstrip().startswith("{"):
-        raise ConfigError(f"--mix {text!r}: neither a config file nor a mapping like '{{rouge: 1, bleu1: 1}}'")
-    return load_config(RewardMix, None, {"rewards": text}).rewards
 
 
 def main(argv=None) -> int:
@@ -53,7 +31,7 @@ def main(argv=None) -> int:
     setup_logging("WARNING")
 
     def run():
-        from utils.training.grpo.compare import compare_runs
+        from utils.training.grpo.compare import compare_runs, mix_weights
 
         print(compare_runs(args.runs, mix_weights(args.mix) if args.mix else None))
 

@@ -12,12 +12,33 @@ import statistics
 from pathlib import Path
 
 from utils.core.artifacts import read_log
-from utils.core.config import UserError
+from utils.core.config import ConfigError, UserError, load_config
 from utils.rewards.mix import weighted_total
 from utils.training.grpo.callbacks import HELDOUT_LOG, heldout_ratio_interval, step_noise, summarize_scores
 
 BENCHMARK = ("rouge", "bleu1", "meteor")  # the paper's metrics, logged as rewards of the same names
-BAR = 3.0  # issue 21's check on every seed: the held-out gain at least 3x the step noise
+BAR = 3.0  # the README's results hold every seed to it: a gain that three steps' noise cannot explain
+
+
+def mix_weights(text: str) -> dict[str, float]:
+    """Reward weights from a YAML config's ``rewards`` (``text`` a file: a GRPO or evaluation recipe) or from a
+    YAML mapping given inline, checked as a config's ``rewards`` is."""
+    import yaml
+
+    from utils.rewards.mix import RewardMix
+
+    path = Path(text)
+    if path.is_file():
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(data, dict) or "rewards" not in data:
+            raise ConfigError(f"{path}: no 'rewards' mapping in it (a GRPO or evaluation config has one)")
+        text = data["rewards"]
+    elif not text.lstrip().startswith("{"):
+        raise ConfigError(f"--mix {text!r}: neither a config file nor a mapping like '{{rouge: 1, bleu1: 1}}'")
+    return load_config(RewardMix, None, {"rewards": text}).rewards
 
 
 def read_heldout(run_dir: str | Path) -> list[dict]:
@@ -38,8 +59,8 @@ def rescore(evals: list[dict], weights: dict[str, float], where: str = "") -> li
     logged is an error naming it, not a silently smaller mix.
 
     >>> ev = [{"step": 0, "items": [{"id": "a", "answer": "x", "scores": {"rouge": 0.2, "bleu1": 0.4, "total": 0.9}}]}]
-    >>> rescore(ev, {"rouge": 1.0, "bleu1": 1.0})[0]["items"][0]["scores"]["total"]
-    0.30000000000000004
+    >>> round(rescore(ev, {"rouge": 1.0, "bleu1": 1.0})[0]["items"][0]["scores"]["total"], 3)
+    0.3
     """
     logged = {k for e in evals for it in e["items"] for k in it["scores"]} - {"total"}
     missing = [k for k, w in weights.items() if w > 0 and k not in logged]
