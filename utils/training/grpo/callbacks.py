@@ -385,7 +385,7 @@ def heldout_ratio_interval(evals: list[dict], resamples: int = 1000, confidence:
     >>> round(heldout_ratio_interval(evals)["value"], 2)
     6.0
     """
-    evals = [e for _, e in sorted({e["step"]: e for e in evals}.items())]
+    evals = latest_per_step(evals)
     if len(evals) < 3:
         return {}
     totals = [{it["id"]: it["scores"].get("total") for it in e["items"]} for e in evals]
@@ -412,5 +412,11 @@ def heldout_ratio_interval(evals: list[dict], resamples: int = 1000, confidence:
             "confidence": confidence, "resamples": len(ratios), "prompts": len(ids)}
 
 
-def _read_heldout(run_dir: str) -> list[dict]:
-    return read_log(Path(run_dir) / HELDOUT_LOG)
+def latest_per_step(evals: list[dict]) -> list[dict]:
+    """Held-out log rows in step order, a step evaluated twice (before and after a resume) once: the later."""
+    return [e for _, e in sorted({e["step"]: e for e in evals}.items())]
+
+
+def _read_heldout(run_dir: str, repair: bool = True) -> list[dict]:
+    """The run folder's held-out log (``repair=False``: read only, for a run that may still be appending)."""
+    return read_log(Path(run_dir) / HELDOUT_LOG, repair=repair)

@@ -11,10 +11,16 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from utils.core.artifacts import read_log
 from utils.core.config import ConfigError, UserError, load_config
 from utils.rewards.mix import weighted_total
-from utils.training.grpo.callbacks import HELDOUT_LOG, heldout_ratio_interval, step_noise, summarize_scores
+from utils.training.grpo.callbacks import (
+    HELDOUT_LOG,
+    _read_heldout,
+    heldout_ratio_interval,
+    latest_per_step,
+    step_noise,
+    summarize_scores,
+)
 
 BENCHMARK = ("rouge", "bleu1", "meteor")  # the paper's metrics, logged as rewards of the same names
 BAR = 3.0  # the README's results hold every seed to it: a gain that three steps' noise cannot explain
@@ -47,10 +53,10 @@ def read_heldout(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / HELDOUT_LOG
     if not path.is_file():
         raise UserError(f"{run_dir}: no held-out log {HELDOUT_LOG} (grpo_train.py writes it when heldout_prompts > 0)")
-    evals = {e["step"]: e for e in read_log(path, repair=False) if "step" in e and "items" in e}
+    evals = latest_per_step([e for e in _read_heldout(run_dir, repair=False) if "step" in e and "items" in e])
     if not evals:
         raise UserError(f"{path}: no held-out evaluation in it yet")
-    return [evals[s] for s in sorted(evals)]
+    return evals
 
 
 def rescore(evals: list[dict], weights: dict[str, float], where: str = "") -> list[dict]:
