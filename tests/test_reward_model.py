@@ -217,6 +217,64 @@ def test_encode_fits_max_length(tiny_llama):
     assert tok.decode(short).count("No.") == 1
 
 
+def test_encode_with_the_reference_reads_it_after_the_question(tiny_llama):
+    from utils.models.loading import load_tokenizer
+    from utils.rewards.reward_model import REFERENCE_HEADER
+
+    tok = load_tokenizer(str(tiny_llama))
+    plain = tok.decode(encode(tok, "Is the QT long?", "No.", 96, 16))
+    graded = tok.decode(encode(tok, "Is the QT long?", "No.", 96, 16, "No, the QT is normal.", 24))
+    assert REFERENCE_HEADER not in plain and "normal" not in plain
+    assert f"Is the QT long?{REFERENCE_HEADER}No, the QT is normal." in graded and graded.count("No.") == 1
+    # a long reference keeps its first reference_tokens tokens; the answer still fits
+    ids = encode(tok, "Q? " * 300, "An answer that goes on. " * 500, 96, 16, "Start. " + "more " * 400, 24)
+    text = tok.decode(ids)
+    assert len(ids) <= 96 and f"{REFERENCE_HEADER}Start." in text and "An answer" in text
+    # without reference_tokens, or without a reference, the layout is the plain one
+    assert encode(tok, "Is the QT long?", "No.", 96, 16, "No, normal.", 0) == encode(tok, "Is the QT long?", "No.", 96, 16)
+    assert encode(tok, "Is the QT long?", "No.", 96, 16, "  ", 24) == encode(tok, "Is the QT long?", "No.", 96, 16)
+
+
+class _LengthModel:
+    """A stand-in reward model whose logit is the sequence's token count / 100 (it reads the reference, so
+    the reference changes the score)."""
+
+    def parameters(self):
+        import torch
+
+        yield torch.zeros(1)
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    training = False
+
+    def __call__(self, input_ids, attention_mask):
+        return type("Out", (), {"logits": attention_mask.sum(dim=1, keepdim=True).float() / 100})()
+
+
+def test_a_model_that_reads_the_reference_gives_its_own_sigmoid(tiny_llama):
+    import math
+
+    from utils.models.loading import load_tokenizer
+    from utils.rewards.reward_model import RewardScorer
+
+    tok = load_tokenizer(str(tiny_llama))
+    graded = RewardScorer(_LengthModel(), tok, 96, 16, reference_tokens=24)
+    qs, answers = ["Is the QT long?"] * 2, ["No.", "No, it is normal."]
+    short, long = ["No."] * 2, ["No, the QT interval is within its normal range here."] * 2
+    raw = graded.scores(qs, answers, long)
+    assert graded.preference([None] * 2, qs, answers, long) == [pytest.approx(1 / (1 + math.exp(-v))) for v in raw]
+    assert graded.scores(qs, answers, short)[0] < raw[0]  # the reference is read
+    # a model that does not read it: the preference over the reference, 0.5 for the reference itself
+    plain = RewardScorer(_LengthModel(), tok, 96, 16)
+    assert plain.scores(qs, answers, long) == plain.scores(qs, answers)
+    assert plain.preference([None], qs[:1], long[:1], long[:1]) == [pytest.approx(0.5)]
+
+
 @pytest.mark.parametrize("row, yesno, days, reason", [
     ({"question": "What is AF?", "reference": "Yes, it is.", "task": "EBK"}, None, None, "not a yes/no question"),
     ({"question": "Can I refuse?", "reference": "No, you cannot.", "task": "CK"}, "no", None, "a yes/no question"),
@@ -249,7 +307,10 @@ def run_script(command, *args) -> int:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--max-prompt-tokens", "300", "--max-length", "256"], "max_prompt_tokens 300 leaves no room"),
+    (["--max-prompt-tokens", "300", "--max-length", "256"], "max_prompt_tokens 300 + reference_tokens 0 leave no room"),
+    (["--reference-tokens", "160", "--max-prompt-tokens", "96", "--max-length", "256"],
+     "max_prompt_tokens 96 + reference_tokens 160 leave no room"),
+    (["--reference-tokens", "-1"], "reference_tokens"),
     (["--negatives", "similar,sampled"], "sample_model is empty"),
     (["--negatives", "ranked"], "sample_model is empty"),
     (["--negatives", "ranked", "--sample-model", "sft"], "sample_count is 1; expected >= 2"),
@@ -473,3 +534,27 @@ def test_train_score_and_audit_a_tiny_reward_model(tiny_llama, processed, tmp_pa
     assert set(h["learned"]) == {"reward_model"} and h["z"] == 2.0 and isinstance(h["signature"], bool)
     assert set(h["rules_falling"]) <= set(TINY_REWARDS) and h["learned"]["reward_model"]["n"] == 3
     assert "Learned against rule rewards" in (tmp_path / "grpo-out/README.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_tiny_reward_model_that_reads_the_reference(tiny_llama, processed, tmp_path):
+    out = tmp_path / "reward-ref"
+    r = cli("--config", "configs/cpu/reward.yaml", "--base-model", str(tiny_llama), "--data-dir", str(processed),
+            "--output-dir", str(out), "--run-dir", str(tmp_path / "run"), "--keep-layers", "0",
+            "--lora-layers", "1", "--max-train-pairs", "16", "--batch-size", "8", "--per-device-batch-size", "8",
+            "--max-length", "128", "--max-prompt-tokens", "32", "--reference-tokens", "48", "--report-to", "",
+            "--negatives", "numbers,truncate,contradiction", "--max-test-items", "6", "--num-threads", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert load_config(RewardModelConfig, out / "train_config.yaml").reference_tokens == 48
+    assert "sigmoid(r(question, reference, answer))" in (out / "README.md").read_text()
+
+    import math
+
+    from utils.rewards.reward_model import get_scorer, reward_model_reward
+
+    scorer = get_scorer(str(out))
+    assert scorer.reference_tokens == 48
+    q, refs = ["Is the QT long?"] * 2, ["No, it is normal.", "Yes, it is prolonged."]
+    got = reward_model_reward(["No, it is normal."] * 2, reward_model=str(out), question=q, reference=refs)
+    raw = scorer.scores(q, ["No, it is normal."] * 2, refs)
+    assert got == [pytest.approx(1 / (1 + math.exp(-v))) for v in raw] and raw[0] != raw[1]

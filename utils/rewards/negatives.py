@@ -248,7 +248,7 @@ def similar_answers(rows: list[dict], term_lexicon: str = DEFAULT_LEXICON) -> li
 def build_pairs(rows: list[dict], types: list[str], seed: int, sampled: dict[str, list[str]] | None = None,
                 term_lexicon: str = DEFAULT_LEXICON, ranked_per_item: int = 1) -> list[dict]:
     """Preference pairs from one split's rows: for each row and negative type that applies to it,
-    ``{"id", "task", "type", "user", "chosen", "rejected"}``; the chosen answer is the reference except in
+    ``{"id", "task", "type", "user", "reference", "chosen", "rejected"}``; the chosen answer is the reference except in
     "ranked" pairs (the better of two samples, up to ``ranked_per_item`` of them). ``sampled`` maps row ids
     to a model's sampled answers."""
     rng = random.Random(seed)
@@ -264,7 +264,7 @@ def build_pairs(rows: list[dict], types: list[str], seed: int, sampled: dict[str
                 for better, worse in ranked_pairs((sampled or {}).get(row.get("id"), []), ref, wordnet,
                                                   ranked_per_item):
                     pairs.append({"id": row.get("id"), "task": row.get("task"), "type": t, "user": user_text(row),
-                                  "chosen": better, "rejected": worse})
+                                  "reference": ref, "chosen": better, "rejected": worse})
                 continue
             if t == "similar":
                 neg = sim
@@ -284,7 +284,7 @@ def build_pairs(rows: list[dict], types: list[str], seed: int, sampled: dict[str
                 raise UserError(f"negatives: unknown type {t!r}; expected one of {', '.join(NEGATIVE_TYPES)}")
             if neg and neg.strip() and neg.strip() != ref:
                 pairs.append({"id": row.get("id"), "task": row.get("task"), "type": t, "user": user_text(row),
-                              "chosen": ref, "rejected": neg.strip()})
+                              "reference": ref, "chosen": ref, "rejected": neg.strip()})
     return pairs
 
 

@@ -22,6 +22,10 @@ def reward_model_reward(completions, reward_model: str | None = None, prompts=No
     loaded once per process. An empty answer scores 0. Range [0, 1]; None for an item whose score (or its
     reference's) is not finite, which the scorer counts and logs (:meth:`RewardScorer.scores`).
 
+    A reward model trained with ``reference_tokens`` > 0 reads the reference beside the question and grades
+    the answer against it: its reward is ``sigmoid(r(q, reference, answer))``, with no reference term to
+    subtract (the reference would grade itself as a perfect copy).
+
     ``reward_model_ceiling`` c < 1 returns ``min(p, c) / c``: with c = 0.5 an answer the model rates at
     or above the reference scores 1, like the reference itself. A policy that pleases a small reward
     model climbs beyond the reference (docs/EXPERIMENTS.md, Phase 3); the cap leaves it nothing to gain
@@ -70,17 +74,27 @@ def user_text(row: dict) -> str:
     return q if isinstance(q, str) else ""
 
 
-def encode(tok, user: str, answer: str, max_length: int, max_prompt_tokens: int) -> list[int]:
+# What introduces the reference in the user turn of a reward model that reads it (reference_tokens > 0).
+REFERENCE_HEADER = "\n\nReference answer: "
+
+
+def encode(tok, user: str, answer: str, max_length: int, max_prompt_tokens: int, reference: str | None = None,
+           reference_tokens: int = 0) -> list[int]:
     """Token ids of one (question, answer) conversation under the tokenizer's chat template, at most
     ``max_length``: the question keeps its last ``max_prompt_tokens`` tokens, the answer is cut to fit.
+    With ``reference_tokens`` > 0 the user turn also holds the first ``reference_tokens`` tokens of
+    ``reference`` after the question (REFERENCE_HEADER), so the model grades the answer against it.
     Training and scoring both go through here, so the model always reads the same layout. Special-token
-    strings in either text are read as text (utils.models.special_tokens)."""
+    strings in any text are read as text (utils.models.special_tokens)."""
     # A very long answer is cut by characters first; no token fits in less than a character.
     answer = escape_special_tokens(answer[: max_length * 8], tok)
     user = escape_special_tokens(user, tok)
     u = tok(user, add_special_tokens=False)["input_ids"]
     if len(u) > max_prompt_tokens:
         user = tok.decode(u[-max_prompt_tokens:])
+    if reference_tokens and reference and reference.strip():
+        r = tok(escape_special_tokens(reference[: reference_tokens * 8], tok), add_special_tokens=False)["input_ids"]
+        user = user + REFERENCE_HEADER + tok.decode(r[:reference_tokens])
 
     def render(a: str) -> list[int]:
         ids = tok.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": a}],
@@ -99,9 +113,11 @@ class RewardScorer:
     """Scores (question, answer) pairs with a trained reward model: raw logits, or the Bradley-Terry
     preference of an answer over the reference."""
 
-    def __init__(self, model, tok, max_length: int, max_prompt_tokens: int, batch_size: int = 16):
+    def __init__(self, model, tok, max_length: int, max_prompt_tokens: int, batch_size: int = 16,
+                 reference_tokens: int = 0):
         self.model, self.tok = model, tok
         self.max_length, self.max_prompt_tokens, self.batch_size = max_length, max_prompt_tokens, batch_size
+        self.reference_tokens = reference_tokens  # > 0: the model reads the reference beside the question
         self._ref_cache: dict[tuple[str, str], float] = {}
         self.non_finite = 0  # scores whose logit was NaN or infinite, in this process
 
@@ -120,17 +136,20 @@ class RewardScorer:
         device = str(next(model.parameters()).device)
         log.info("reward model %s loaded on %s", path, device)
         return cls(model, tok, meta.get("max_length", 256), meta.get("max_prompt_tokens", 96),
-                   meta.get("score_batch_size", 16))
+                   meta.get("score_batch_size", 16), meta.get("reference_tokens", 0) or 0)
 
-    def scores(self, users: list[str], answers: list[str]) -> list[float]:
-        """The raw reward (one logit) of each (question, answer); NaN where the logit is not finite.
+    def scores(self, users: list[str], answers: list[str], refs: list[str] | None = None) -> list[float]:
+        """The raw reward (one logit) of each (question, answer), or of each (question, reference, answer)
+        for a model that reads the reference; NaN where the logit is not finite.
 
         A non-finite logit is a broken model or an overflow, not a judgement: it is counted
         (``self.non_finite``) and logged, and stays NaN (never a made-up 0) so that every consumer sees it:
         :meth:`preference` turns it into None, "no score"."""
         import torch
 
-        seqs = [encode(self.tok, u, a, self.max_length, self.max_prompt_tokens) for u, a in zip(users, answers)]
+        refs = refs if refs is not None else [None] * len(users)
+        seqs = [encode(self.tok, u, a, self.max_length, self.max_prompt_tokens, r, self.reference_tokens)
+                for u, a, r in zip(users, answers, refs)]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         out = [math.nan] * len(seqs)
         device = next(self.model.parameters()).device
@@ -161,10 +180,12 @@ class RewardScorer:
         return out
 
     def preference(self, prompts: list, questions: list, answers: list[str], refs: list[str]) -> list[float | None]:
-        """sigmoid(r(q, answer) - r(q, reference)) per item (sigmoid(r(q, answer)) without a reference);
-        None where either score is not finite. Reference scores are cached, since GRPO scores many answers
+        """sigmoid(r(q, answer) - r(q, reference)) per item (sigmoid(r(q, answer)) without a reference, and
+        sigmoid(r(q, reference, answer)) for a model that reads the reference); None where a score is not finite. Reference scores are cached, since GRPO scores many answers
         to one question."""
         users = [user_text({"prompt": p, "question": q}) for p, q in zip(prompts, questions)]
+        if self.reference_tokens:  # the model grades against the reference it reads: no reference term
+            return [_sigmoid(s) if math.isfinite(s) else None for s in self.scores(users, answers, refs)]
         if len(self._ref_cache) > 50000:  # cleared before the look-up, so every reference below is scored
             self._ref_cache.clear()
         todo = [(u, r) for u, r in dict.fromkeys(zip(users, refs)) if r.strip() and (u, r) not in self._ref_cache]

@@ -62,6 +62,10 @@ class RewardModelConfig(TrainConfig, RewardMix):
                           check=(positive, "an integer > 0"))
     max_prompt_tokens: int = fld(96, "Tokens of the question kept (its end, where the question is).",
                                  check=(positive, "an integer > 0"))
+    reference_tokens: int = fld(0, "Tokens of the reference answer the reward model reads after the question "
+                                "(its beginning), so that it grades an answer against the reference instead of "
+                                "judging it alone; it then gives sigmoid(r(q, reference, answer)). 0: question and "
+                                "answer only.", check=(non_negative, "an integer >= 0"))
     keep_layers: int = fld(0, "Build the reward model on the first N transformer layers of the base only "
                            "(shallower: faster to train and to score); 0: all layers.",
                            check=(non_negative, "an integer >= 0"))
@@ -98,9 +102,10 @@ class RewardModelConfig(TrainConfig, RewardMix):
         RewardMix.__post_init__(self)
         if self.merge:
             raise ValueError("merge: the reward model is merged when it is loaded; expected merge: false")
-        if self.max_prompt_tokens >= self.max_length:
-            raise ValueError(f"max_prompt_tokens {self.max_prompt_tokens} leaves no room for the answer in "
-                             f"max_length {self.max_length}; expected max_prompt_tokens < max_length")
+        if self.max_prompt_tokens + self.reference_tokens >= self.max_length:
+            raise ValueError(f"max_prompt_tokens {self.max_prompt_tokens} + reference_tokens {self.reference_tokens} "
+                             f"leave no room for the answer in max_length {self.max_length}; expected their sum "
+                             "< max_length")
         if self.keep_layers and self.lora_layers > self.keep_layers:
             raise ValueError(f"lora_layers {self.lora_layers} > keep_layers {self.keep_layers}; expected at most "
                              "the kept layers")
@@ -243,9 +248,10 @@ def pairwise_accuracy(pairs: list[dict], chosen: list[float], rejected: list[flo
 
 def score_pairs(scorer: RewardScorer, pairs: list[dict]) -> tuple[list[float], list[float]]:
     """Reward-model scores of the chosen and rejected answers; each distinct (question, answer) once."""
-    texts = list(dict.fromkeys([(p["user"], p["chosen"]) for p in pairs] + [(p["user"], p["rejected"]) for p in pairs]))
-    vals = dict(zip(texts, scorer.scores([u for u, _ in texts], [a for _, a in texts])))
-    return [vals[(p["user"], p["chosen"])] for p in pairs], [vals[(p["user"], p["rejected"])] for p in pairs]
+    texts = list(dict.fromkeys([(p["user"], p.get("reference"), p[k]) for k in ("chosen", "rejected") for p in pairs]))
+    vals = dict(zip(texts, scorer.scores([u for u, _, _ in texts], [a for _, _, a in texts], [r for _, r, _ in texts])))
+    return ([vals[(p["user"], p.get("reference"), p["chosen"])] for p in pairs],
+            [vals[(p["user"], p.get("reference"), p["rejected"])] for p in pairs])
 
 
 # ============================================================================= training
@@ -259,7 +265,10 @@ def model_card(cfg: RewardModelConfig, metrics: dict) -> str:
              "utils/rewards/negatives.py). Made by `reward_model.py`.", "",
              "## Use", "",
              "As the `reward_model` reward of a mix (utils/rewards/mix.py): it gives "
-             "`sigmoid(r(question, answer) - r(question, reference))`.", "",
+             + ("`sigmoid(r(question, reference, answer))`: it reads the first "
+                f"{cfg.reference_tokens} tokens of the reference after the question and grades the answer "
+                "against them." if cfg.reference_tokens else
+                "`sigmoid(r(question, answer) - r(question, reference))`."), "",
              "```python", "from utils.rewards.reward_model import get_scorer",
              f"get_scorer('{output_dir(cfg)}').scores(['Is a PR interval of 240 ms normal?'], ['No, it is long.'])",
              "```", "",
@@ -290,16 +299,16 @@ def model_card(cfg: RewardModelConfig, metrics: dict) -> str:
 def _pairs_dataset(tok, pairs: list[dict], cfg: RewardModelConfig):
     from datasets import Dataset
 
-    cache: dict[tuple[str, str], list[int]] = {}
+    cache: dict[tuple, list[int]] = {}
 
-    def ids(u, a):
-        if (u, a) not in cache:
-            cache[(u, a)] = encode(tok, u, a, cfg.max_length, cfg.max_prompt_tokens)
-        return cache[(u, a)]
+    def ids(u, ref, a):
+        if (u, ref, a) not in cache:
+            cache[(u, ref, a)] = encode(tok, u, a, cfg.max_length, cfg.max_prompt_tokens, ref, cfg.reference_tokens)
+        return cache[(u, ref, a)]
 
     rows = []
     for p in pairs:
-        c, r = ids(p["user"], p["chosen"]), ids(p["user"], p["rejected"])
+        c, r = ids(p["user"], p.get("reference"), p["chosen"]), ids(p["user"], p.get("reference"), p["rejected"])
         rows.append({"chosen_ids": c, "rejected_ids": r, "length": max(len(c), len(r))})
     return Dataset.from_list(rows)
 
@@ -374,7 +383,8 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     trainer.train(resume_from_checkpoint=ckpt)
 
     t0 = time.time()
-    scorer = RewardScorer(trainer.model, tok, cfg.max_length, cfg.max_prompt_tokens, cfg.score_batch_size)
+    scorer = RewardScorer(trainer.model, tok, cfg.max_length, cfg.max_prompt_tokens, cfg.score_batch_size,
+                          cfg.reference_tokens)
     chosen, rejected = score_pairs(scorer, test_pairs)
     test_acc = pairwise_accuracy(test_pairs, chosen, rejected)
     test_seconds = round(time.time() - t0, 1)
