@@ -104,6 +104,10 @@ def test_cli_reads_the_mix_from_a_config_or_inline(tmp_path):
     assert "| 2 | 0/20/40 |" in out.stdout and "the given mix" in out.stdout
     out = cli(str(a), "--mix", "{rouge: 1}")
     assert out.returncode == 0 and "0.3500 / 0.3700 / 0.3800" in out.stdout
+    # a learned reward is read from the log as any other, with no model to name
+    b = _run(tmp_path, "b", [0, 20, 40], [0.30, 0.32, 0.33], {"reward_model": 0.6})
+    out = cli(str(b), "--mix", "{reward_model: 1}")
+    assert out.returncode == 0 and "0.6000 / 0.6000 / 0.6000" in out.stdout, out.stderr
     for bad, says in (("{rogue: 1}", "expected a mapping of reward names"), ("rouge", "neither a config file nor"),
                       ("configs/cpu/prepare.yaml", "no 'rewards' mapping")):
         out = cli(str(a), "--mix", bad)

@@ -44,7 +44,8 @@ def mix_weights(text: str) -> dict[str, float]:
         text = data["rewards"]
     elif not text.lstrip().startswith("{"):
         raise ConfigError(f"--mix {text!r}: neither a config file nor a mapping like '{{rouge: 1, bleu1: 1}}'")
-    return load_config(RewardMix, None, {"rewards": text}).rewards
+    # The mix is only read back from logged scores: no reward model is loaded, so none has to be named.
+    return load_config(RewardMix, None, {"rewards": text, "reward_model": "logged"}).rewards
 
 
 def read_heldout(run_dir: str | Path) -> list[dict]:
