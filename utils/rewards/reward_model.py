@@ -111,7 +111,8 @@ def encode(tok, user: str, answer: str, max_length: int, max_prompt_tokens: int,
 
 class RewardScorer:
     """Scores (question, answer) pairs with a trained reward model: raw logits, or the Bradley-Terry
-    preference of an answer over the reference."""
+    preference of an answer over the reference; a model trained with ``reference_tokens`` reads the reference
+    too and grades the answer against it."""
 
     def __init__(self, model, tok, max_length: int, max_prompt_tokens: int, batch_size: int = 16,
                  reference_tokens: int = 0):
@@ -181,8 +182,8 @@ class RewardScorer:
 
     def preference(self, prompts: list, questions: list, answers: list[str], refs: list[str]) -> list[float | None]:
         """sigmoid(r(q, answer) - r(q, reference)) per item (sigmoid(r(q, answer)) without a reference, and
-        sigmoid(r(q, reference, answer)) for a model that reads the reference); None where a score is not finite. Reference scores are cached, since GRPO scores many answers
-        to one question."""
+        sigmoid(r(q, reference, answer)) for a model that reads the reference); None where a score is not
+        finite. Reference scores are cached, since GRPO scores many answers to one question."""
         users = [user_text({"prompt": p, "question": q}) for p, q in zip(prompts, questions)]
         if self.reference_tokens:  # the model grades against the reference it reads: no reference term
             return [_sigmoid(s) if math.isfinite(s) else None for s in self.scores(users, answers, refs)]
