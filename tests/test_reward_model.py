@@ -236,42 +236,24 @@ def test_encode_with_the_reference_reads_it_after_the_question(tiny_llama):
     assert encode(tok, "Is the QT long?", "No.", 96, 16, "  ", 24) == plain_ids
 
 
-class _LengthModel:
-    """A stand-in reward model whose logit is the sequence's token count / 100 (it reads the reference, so
-    the reference changes the score)."""
-
-    def parameters(self):
-        import torch
-
-        yield torch.zeros(1)
-
-    def eval(self):
-        return self
-
-    def train(self, mode=True):
-        return self
-
-    training = False
-
-    def __call__(self, input_ids, attention_mask):
-        return type("Out", (), {"logits": attention_mask.sum(dim=1, keepdim=True).float() / 100})()
-
-
 def test_a_model_that_reads_the_reference_gives_its_own_sigmoid(tiny_llama):
     import math
 
+    from tests.test_special_tokens import NaNModel
     from utils.models.loading import load_tokenizer
     from utils.rewards.reward_model import RewardScorer
 
     tok = load_tokenizer(str(tiny_llama))
-    graded = RewardScorer(_LengthModel(), tok, 96, 16, reference_tokens=24)
+    # a stand-in whose logit is the sequence's token count / 100 (no token id -1: never NaN), so the
+    # reference, when read, changes the score
+    graded = RewardScorer(NaNModel(-1), tok, 96, 16, reference_tokens=24)
     qs, answers = ["Is the QT long?"] * 2, ["No.", "No, it is normal."]
     short, long = ["No."] * 2, ["No, the QT interval is within its normal range here."] * 2
     raw = graded.scores(qs, answers, long)
     assert graded.preference([None] * 2, qs, answers, long) == [pytest.approx(1 / (1 + math.exp(-v))) for v in raw]
     assert graded.scores(qs, answers, short)[0] < raw[0]  # the reference is read
     # a model that does not read it: the preference over the reference, 0.5 for the reference itself
-    plain = RewardScorer(_LengthModel(), tok, 96, 16)
+    plain = RewardScorer(NaNModel(-1), tok, 96, 16)
     assert plain.scores(qs, answers, long) == plain.scores(qs, answers)
     assert plain.preference([None], qs[:1], long[:1], long[:1]) == [pytest.approx(0.5)]
 
