@@ -78,3 +78,39 @@ def test_cli_bad_per_prompt(capsys):
     with pytest.raises(SystemExit) as e:
         main(["runs/x", "--per-prompt", "0"])
     assert e.value.code == 2 and "--per-prompt 0: expected an integer >= 1" in capsys.readouterr().err
+
+
+class CharPreference:
+    """A stand-in reward as GRPO pays it: characters / 100."""
+
+    def preference(self, prompts, questions, answers, refs):
+        return [len(a) / 100 for a in answers]
+
+
+def test_group_order_reads_the_logged_groups(processed, tmp_path, monkeypatch):
+    from utils.rewards import reward_model
+    from utils.rewards.reward_model import user_text
+    from utils.training.grpo.rank_gate import group_order
+
+    rows = [r for r in read_split(processed, "grpo/train") if 6 <= len(r["reference"].split()) <= 30]
+    rows = [r for r in rows if sum(user_text(x) == user_text(r) for x in rows) == 1][:2]
+    (ua, ra), (ub, rb) = ((user_text(r), r["reference"]) for r in rows)
+    short = " ".join(["ox"] * len(ra.split()))             # worse, fewer characters: ordered right
+    long = " ".join((FILLER * 6)[: len(rb.split()) + 2])  # worse, more characters: ordered wrong
+    run = tmp_path / "run"
+    run.mkdir()
+    items = [{"question": q, "completion": a, "rewards": {}, "advantage": 0.0}
+             for q, a in ((ua, ra), (ua, short), (ub, rb), (ub, long), ("A question of no train item?", "x"))]
+    run.joinpath("samples.jsonl").write_text(json.dumps({"step": 4, "items": items}) + "\n" + '{"step": 8, "it')
+    monkeypatch.setitem(reward_model._SCORERS, ("stub", None), CharPreference())
+    got = group_order("stub", [str(run)], str(processed))
+    spread = ((len(ra) - len(short)) / 200 + (len(long) - len(rb)) / 200) / 2
+    assert got["groups"] == 2 and got["pairs"] == got["far_pairs"] == 2  # the unknown question and torn line: out
+    assert got["accuracy"] == got["far_accuracy"] == 0.5
+    assert got["spread"] == pytest.approx(spread, abs=1e-4) and got["benchmark_spread"] > 0.3
+
+    with pytest.raises(UserError, match="no samples.jsonl"):
+        group_order("stub", [str(tmp_path)], str(processed))
+    run.joinpath("samples.jsonl").write_text(json.dumps({"step": 4, "items": items[-1:] * 2}) + "\n")
+    with pytest.raises(UserError, match="no logged group of 2 or more"):
+        group_order("stub", [str(run)], str(processed))

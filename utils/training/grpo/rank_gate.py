@@ -7,12 +7,24 @@ way the benchmark does; otherwise its share of the advantage is its biases, whic
 them of similar length whose benchmark scores differ clearly (:func:`utils.rewards.negatives.ranked_pairs`,
 as the reward model's own ranked training pairs), scored by the reward model. ``scripts/rank_gate.py``
 prints :func:`rank_gate`.
+
+Such pairs are far apart: answers of different checkpoints. Within one GRPO group the sampled answers are
+mostly close, and there a reward model may order them little better than a coin while its spread still
+steers the advantage (stop 36). :func:`group_order` reads the groups the runs logged (``samples.jsonl``) and
+measures the order on every pair of a group, and the reward's spread within a group beside the benchmark
+score's.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
+from itertools import combinations
+from pathlib import Path
+
 from utils.core.config import UserError
 from utils.data.rows import read_split
+from utils.training.grpo.callbacks import SAMPLES_LOG
 from utils.training.grpo.compare import read_heldout
 
 
@@ -67,3 +79,69 @@ def rank_gate(reward_model: str, run_dirs: list[str], data_dir: str, per_prompt:
     share = (lambda xs: round(sum(xs) / len(xs), 4) if xs else None)
     return {"reward_model": reward_model, "pairs": len(pairs), "prompts": len({p["id"] for p in pairs}),
             "accuracy": acc, "prefers_longer": share(longer_model), "longer_is_better": share(longer_data)}
+
+
+def logged_groups(run_dirs: list[str], data_dir: str) -> list[dict]:
+    """The sampled groups the runs logged (``samples.jsonl``: the user turn, each completion), each as
+    ``{"user", "reference", "answers"}`` with its reference found by the user turn among the train prompts
+    (a user turn that two train items with different references share is left out)."""
+    from utils.rewards.reward_model import user_text
+
+    refs: dict[str, str | None] = {}
+    for r in read_split(data_dir, "grpo/train"):
+        u, ref = user_text(r), (r.get("reference") or "").strip()
+        refs[u] = ref if refs.get(u, ref) == ref else None
+    groups = []
+    for d in run_dirs:
+        path = Path(d) / SAMPLES_LOG
+        if not path.is_file():
+            raise UserError(f"{d}: no {SAMPLES_LOG} (grpo_train.py writes it when sample_steps > 0)")
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                items = json.loads(line)["items"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill: the run appends whole lines
+            by: dict[str, list[str]] = {}
+            for it in items:
+                by.setdefault(str(it.get("question", "")), []).append(str(it.get("completion") or ""))
+            for user, answers in by.items():
+                if refs.get(user) and len(answers) >= 2:
+                    groups.append({"user": user, "reference": refs[user], "answers": answers})
+    if not groups:
+        raise UserError(f"{', '.join(run_dirs)}: no logged group of 2 or more completions to a train prompt of "
+                        f"{data_dir}; expected GRPO runs on this data folder")
+    return groups
+
+
+def group_order(reward_model: str, run_dirs: list[str], data_dir: str, base_model: str | None = None) -> dict:
+    """The reward (as GRPO pays it) of every logged completion, against the benchmark's score within each
+    group: the share of pairs ordered alike over every pair of a group, and over the far pairs that
+    :func:`rank_gate` would build; the mean standard deviation within a group of the reward and of the
+    benchmark score."""
+    from utils.rewards.negatives import RANKED_MAX_LENGTH_RATIO, RANKED_MIN_GAP
+    from utils.rewards.overlap import benchmark_score, load_wordnet
+    from utils.rewards.reward_model import get_scorer
+
+    groups = logged_groups(run_dirs, data_dir)
+    scorer, wordnet = get_scorer(reward_model, base_model), load_wordnet()
+    every, far, spread, bench_spread = [], [], [], []
+    for g in groups:
+        n = len(g["answers"])
+        paid = scorer.preference([None] * n, [g["user"]] * n, g["answers"], [g["reference"]] * n)
+        bench = [benchmark_score(a, g["reference"], wordnet) for a in g["answers"]]
+        words = [len(a.split()) for a in g["answers"]]
+        ok = [i for i in range(n) if paid[i] is not None]
+        if len(ok) >= 2:
+            spread.append(statistics.pstdev([paid[i] for i in ok]))
+            bench_spread.append(statistics.pstdev([bench[i] for i in ok]))
+        for i, j in combinations(ok, 2):
+            if bench[i] == bench[j]:
+                continue
+            alike = 1.0 if (paid[i] - paid[j]) * (bench[i] - bench[j]) > 0 else 0.5 if paid[i] == paid[j] else 0.0
+            every.append(alike)
+            if abs(bench[i] - bench[j]) >= RANKED_MIN_GAP and \
+                    max(words[i], words[j]) <= RANKED_MAX_LENGTH_RATIO * min(words[i], words[j]):
+                far.append(alike)
+    mean = (lambda xs: round(statistics.mean(xs), 4) if xs else None)
+    return {"reward_model": reward_model, "groups": len(groups), "pairs": len(every), "accuracy": mean(every),
+            "far_pairs": len(far), "far_accuracy": mean(far), "spread": mean(spread), "benchmark_spread": mean(bench_spread)}
