@@ -179,6 +179,13 @@ def first_far_sample(samples: list[str], reference: str) -> str | None:
     return next((a for a in samples if a.strip() and rouge_l(a, reference) < SAMPLED_MAX_ROUGE), None)
 
 
+def far_apart(score_a: float, score_b: float, words_a: int, words_b: int) -> bool:
+    """Whether two answers make a ranked pair: lengths within RANKED_MAX_LENGTH_RATIO and benchmark scores at
+    least RANKED_MIN_GAP apart (form alone cannot separate them; the benchmark clearly does)."""
+    return max(words_a, words_b) <= RANKED_MAX_LENGTH_RATIO * min(words_a, words_b) and \
+        abs(score_a - score_b) >= RANKED_MIN_GAP
+
+
 def ranked_pairs(samples: list[str], reference: str, wordnet=None, k: int = 1) -> list[tuple[str, str]]:
     """Up to ``k`` pairs (better, worse) of distinct samples whose lengths are within RANKED_MAX_LENGTH_RATIO
     and whose :func:`~utils.rewards.overlap.benchmark_score` differ by at least RANKED_MIN_GAP, the widest
@@ -194,7 +201,7 @@ def ranked_pairs(samples: list[str], reference: str, wordnet=None, k: int = 1) -
     found = []
     for i, (si, ai, ni) in enumerate(scored):
         for sj, aj, nj in scored[i + 1:]:
-            if max(ni, nj) <= RANKED_MAX_LENGTH_RATIO * min(ni, nj) and abs(si - sj) >= RANKED_MIN_GAP:
+            if far_apart(si, sj, ni, nj):
                 found.append((-abs(si - sj), (ai, aj) if si > sj else (aj, ai)))
     return [pair for _, pair in sorted(found, key=lambda x: x[0])[:k]]
 

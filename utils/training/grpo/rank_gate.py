@@ -17,11 +17,11 @@ score's.
 
 from __future__ import annotations
 
-import json
 import statistics
 from itertools import combinations
 from pathlib import Path
 
+from utils.core.artifacts import read_log
 from utils.core.config import UserError
 from utils.data.rows import read_split
 from utils.training.grpo.callbacks import SAMPLES_LOG
@@ -96,13 +96,9 @@ def logged_groups(run_dirs: list[str], data_dir: str) -> list[dict]:
         path = Path(d) / SAMPLES_LOG
         if not path.is_file():
             raise UserError(f"{d}: no {SAMPLES_LOG} (grpo_train.py writes it when sample_steps > 0)")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            try:
-                items = json.loads(line)["items"]
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a kill: the run appends whole lines
+        for entry in read_log(path, repair=False):  # read-only: the run may still be appending
             by: dict[str, list[str]] = {}
-            for it in items:
+            for it in entry.get("items") or []:
                 by.setdefault(str(it.get("question", "")), []).append(str(it.get("completion") or ""))
             for user, answers in by.items():
                 if refs.get(user) and len(answers) >= 2:
@@ -118,7 +114,7 @@ def group_order(reward_model: str, run_dirs: list[str], data_dir: str, base_mode
     group: the share of pairs ordered alike over every pair of a group, and over the far pairs that
     :func:`rank_gate` would build; the mean standard deviation within a group of the reward and of the
     benchmark score."""
-    from utils.rewards.negatives import RANKED_MAX_LENGTH_RATIO, RANKED_MIN_GAP
+    from utils.rewards.negatives import far_apart
     from utils.rewards.overlap import benchmark_score, load_wordnet
     from utils.rewards.reward_model import get_scorer
 
@@ -139,8 +135,7 @@ def group_order(reward_model: str, run_dirs: list[str], data_dir: str, base_mode
                 continue
             alike = 1.0 if (paid[i] - paid[j]) * (bench[i] - bench[j]) > 0 else 0.5 if paid[i] == paid[j] else 0.0
             every.append(alike)
-            if abs(bench[i] - bench[j]) >= RANKED_MIN_GAP and \
-                    max(words[i], words[j]) <= RANKED_MAX_LENGTH_RATIO * min(words[i], words[j]):
+            if far_apart(bench[i], bench[j], words[i], words[j]):
                 far.append(alike)
     mean = (lambda xs: round(statistics.mean(xs), 4) if xs else None)
     return {"reward_model": reward_model, "groups": len(groups), "pairs": len(every), "accuracy": mean(every),
