@@ -23,8 +23,8 @@ After ``--warmup`` steps it measures ``--steps`` optimizer steps and prints, for
 shared machine), generated tokens per second, the share of step time spent generating, generation
 throughput as a fraction of the machine's bound (memory bandwidth / weight bytes per decode step times
 the rows decoded together, capped by matmul FLOP/s, both measured at start), peak resident memory, and
-the mean reward of the measured steps, and each side's OpenMP wait policy (ours sets PASSIVE, as
-grpo_train.py does, unless OMP_WAIT_POLICY is set); then the ratios ours / plain.
+the mean reward of the measured steps, and each side's OpenMP wait policy (both the runtime's default
+unless OMP_WAIT_POLICY is set, as grpo_train.py runs alone); then the ratios ours / plain.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def worker(args) -> dict:
         "mean_completion_tokens": meter.tokens / max(meter.rows, 1),
         "bound_tokens_per_s": tps_bound, "gen_fraction_of_bound": gen_tps / tps_bound if tps_bound else 0.0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        # PASSIVE (grpo_train.py's default, for shared cores) costs a process alone on them ~20% (EXPERIMENTS)
+        # PASSIVE (for processes sharing cores) costs a process alone on them ~20% (docs/EXPERIMENTS.md)
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "mean_reward": sum(h["reward"] for h in hist) / len(hist) if hist else None,
         **bound,

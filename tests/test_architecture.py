@@ -95,11 +95,19 @@ def test_importing_the_library_changes_nothing_in_the_process():
     assert result == {"env": [], "torch": False}, result
 
 
-def test_configure_process_is_explicit_and_idempotent():
-    code = ("import os; from utils.core.runtime import configure_process; "
-            "assert 'OMP_WAIT_POLICY' not in os.environ; a = configure_process(); b = configure_process(); "
-            "assert a == b and a['omp_passive'] and os.environ['OMP_WAIT_POLICY'] == 'PASSIVE', a; print('ok')")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+@pytest.mark.parametrize("world_size, preset, policy", [
+    (None, None, "default"),  # alone: the OpenMP runtime's own policy, as plain torch runs
+    ("2", None, "PASSIVE"),  # one of several processes launched together: threads sleep while they wait
+    ("2", "active", "ACTIVE"),  # what the user set is kept
+])
+def test_configure_process_is_explicit_and_idempotent(world_size, preset, policy):
+    code = ("import os; from utils.core.runtime import configure_process; before = os.environ.get('OMP_WAIT_POLICY'); "
+            "a = configure_process(); b = configure_process(); "
+            f"assert a == b and a['omp_wait_policy'] == {policy!r}, a; "
+            f"assert os.environ.get('OMP_WAIT_POLICY') == {None if policy == 'default' else preset or policy!r}; "
+            "print('ok')")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("OMP_WAIT_POLICY", "WORLD_SIZE")}
+    env.update({k: v for k, v in (("WORLD_SIZE", world_size), ("OMP_WAIT_POLICY", preset)) if v is not None})
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 

@@ -35,27 +35,33 @@ def _keep_freed_memory() -> bool:
                 and mallopt(m_top_pad, 1 << 30))  # grow the heap in 1 GB steps (address space only: pages come on use)
 
 
-_CONFIGURED: dict[str, bool] = {}
+_CONFIGURED: dict[str, bool | str] = {}
 
 
-def configure_process() -> dict[str, bool]:
+def configure_process() -> dict[str, bool | str]:
     """Tune this process for the phases; call it first thing, before anything imports torch. Idempotent.
 
-    * ``OMP_WAIT_POLICY=PASSIVE`` (unless the user set it): the phases run torch on CPU cores that several
-      processes share, and OpenMP threads that spin while they wait steal each other's time (measured
-      with 2 threads under load: training 3-4x slower than with 1 thread; 1.5x faster than 1 thread once
-      waiting passively; decoding 2.5x slower with spinning waits). The OpenMP runtime reads the policy
-      when torch loads it, hence before the import.
+    * the OpenMP wait policy (unless the user set ``OMP_WAIT_POLICY``): ``PASSIVE`` when this process is one of
+      several launched together on one machine (``WORLD_SIZE`` > 1: ``torchrun``, ``accelerate launch``),
+      else the runtime's own default, which spins briefly before sleeping, as plain torch and TRL run. Threads
+      that spin while they wait steal time from another process on the same cores (2 threads under load:
+      training 3-4x slower than 1 thread; decoding 2.5x slower); a process alone on its cores waits ~20% less
+      between operators when they spin (docs/EXPERIMENTS.md, stops 26 and 37). The phases run alone or, in
+      ``make demo``'s two lanes, on separate halves of the cores; several processes that share cores should
+      set ``OMP_WAIT_POLICY=PASSIVE`` or ``--num-threads 1``. The OpenMP runtime reads the policy when torch
+      loads it, hence before the import.
     * glibc keeps freed large blocks for reuse (:func:`_keep_freed_memory`).
     * bitsandbytes' import-time warning about its optional CPU kernels is silenced: nothing here runs
       4-bit on CPU (quantization without CUDA is refused), and it would spoil the one-line errors.
 
-    Returns what was done (``{"omp_passive": ..., "malloc_tuned": ...}``).
+    Returns what was done (``{"omp_wait_policy": "PASSIVE" | "ACTIVE" | "default", "malloc_tuned": ...}``).
     """
     if not _CONFIGURED:
         if "torch" in sys.modules:
             log.debug("configure_process after torch was imported: the OpenMP wait policy may not take effect")
-        _CONFIGURED["omp_passive"] = os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE").upper() == "PASSIVE"
+        if "OMP_WAIT_POLICY" not in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        _CONFIGURED["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "").upper() or "default"
         _CONFIGURED["malloc_tuned"] = _keep_freed_memory()
         logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     return dict(_CONFIGURED)
