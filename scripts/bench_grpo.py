@@ -192,7 +192,8 @@ def worker(args) -> dict:
     gen_tps = meter.tokens / meter.gen_s if meter.gen_s else 0.0
     tps_bound = decode_bound(model, rows_per_call, bound, gen_dtype)
     return {
-        "side": side, "steps": steps, "completions_per_step": per_step, "per_device_batch": targs.per_device_train_batch_size,
+        "side": side, "steps": steps, "completions_per_step": per_step,
+        "per_device_batch": targs.per_device_train_batch_size,
         "gradient_checkpointing": bool(targs.gradient_checkpointing), "bf16": bool(targs.bf16),
         "model_dtype": str(dtype).replace("torch.", ""), "bound_dtype": str(gen_dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),

@@ -9,9 +9,10 @@ Reads each run folder's heldout.jsonl (grpo_train.py writes it: greedy answers t
 prompts every eval_steps, with every reward's score) and prints a markdown table: the mean total at each
 evaluation, its gain over the step noise (the spread of the changes between evaluations; the README's
 results hold every seed to 3x) with a 90% interval over resamples of the prompts, ROUGE-L / BLEU-1 / METEOR
-at the end and the answers' mean length in words. ``--mix`` recomputes every run's totals on one reward mix from the logged scores (a
-YAML config's ``rewards``, or a mapping), so that runs trained on different mixes are read on one yardstick;
-a reward the mix weighs and a run never logged is an error. Nothing is generated; a run may still be going.
+at the end and the answers' mean length in words. ``--mix`` recomputes every run's totals on one reward mix
+from the logged scores (a YAML config's ``rewards``, or a mapping), so that runs trained on different mixes
+are read on one yardstick; a reward the mix weighs and a run never logged is an error. Nothing is generated;
+a run may still be going.
 """
 
 from __future__ import annotations
