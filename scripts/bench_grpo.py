@@ -8,6 +8,7 @@ Usage:
     python scripts/bench_grpo.py --plain-warmup 0 --plain-steps 1  # plain TRL's steps are slow on CPU
     python scripts/bench_grpo.py --plain bf16=false                # plain TRL without bf16 autocast
     python scripts/bench_grpo.py --sides ours --json /tmp/ours.json
+    python scripts/bench_grpo.py --repeats 3                       # alternate the sides 3 times: median ratio
 
 Each side runs in its own process (so that each has its own peak memory) on the same policy (the config's,
 with the same LoRA adapter), the same prompts in the same order, the same number of generations, the same
@@ -61,6 +62,10 @@ def parse(argv=None):
     p.add_argument("--plain", action="append", default=[], metavar="KEY=VALUE",
                    help="set a GRPOConfig field of the plain side (repeatable), e.g. bf16=false for a stronger "
                         "baseline on CPUs without native bf16")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the sides this many times, alternating (plain, ours, plain, ours, ...), and report "
+                        "each side's median figures and every repeat's wall-clock ratio: the machine drifts "
+                        "between runs minutes apart (two single runs an hour apart read 4.59x and 4.95x)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -266,33 +271,68 @@ def compare(args) -> None:
         print("BENCH_RESULT " + json.dumps(worker(args)), flush=True)
         return
     grpo_config(args, "ours", tempfile.gettempdir())  # a bad config or --set stops here, before any run
-    results = {}
-    for side in [s.strip() for s in args.sides.split(",") if s.strip()]:
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    for side in sides:
         if side not in ("ours", "plain"):
             raise UserError(f"--sides: {side!r}: expected ours and/or plain")
-        steps = args.plain_steps if side == "plain" and args.plain_steps is not None else args.steps
-        warmup = args.plain_warmup if side == "plain" and args.plain_warmup is not None else args.warmup
-        cmd = [sys.executable, __file__, "--worker", side, "--config", args.config, "--steps", str(steps),
-               "--warmup", str(warmup)] + (["--policy", args.policy] if args.policy else [])
-        for kv in args.set:
-            cmd += ["--set", kv]
-        for kv in args.plain:
-            cmd += ["--plain", kv]
-        print(f"running {side} ({warmup} warm-up + {steps} measured steps) ...", file=sys.stderr,
-              flush=True)
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        line = next((x for x in r.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
-        if r.returncode or line is None:
-            sys.stderr.write(r.stderr[-3000:])
-            raise UserError(f"the {side} side failed (exit {r.returncode}); its last output is above")
-        results[side] = json.loads(line[len("BENCH_RESULT "):])
+    if args.repeats < 1:
+        raise UserError(f"--repeats: {args.repeats}: expected 1 or more")
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for rep in range(args.repeats):
+        for side in sides:
+            runs[side].append(run_side(args, side, rep))
+    results = {side: median_result(r) for side, r in runs.items()}
+    wall = []
+    if {"ours", "plain"} <= set(runs):
+        wall = [o["samples_per_s"] / p["samples_per_s"] if p["samples_per_s"] else None
+                for o, p in zip(runs["ours"], runs["plain"])]
     from utils.core.runtime import format_machine, machine_summary
 
     machine = machine_summary()
     print(f"machine: {format_machine(machine)}")
+    if args.repeats > 1:
+        print(f"medians of {args.repeats} alternating runs a side; wall-clock ratio ours / plain per repeat: "
+              + ", ".join("n/a" if r is None else f"{r:.2f}x" for r in wall))
     print(report(results))
     if args.json:
-        Path(args.json).write_text(json.dumps({**results, "machine": machine}, indent=2), encoding="utf-8")
+        extra = {"repeats": runs, "wall_ratios": wall} if args.repeats > 1 else {}
+        Path(args.json).write_text(json.dumps({**results, "machine": machine, **extra}, indent=2), encoding="utf-8")
+
+
+def run_side(args, side: str, rep: int) -> dict:
+    """One side's measurement in a fresh process (its own peak memory); its result row."""
+    steps = args.plain_steps if side == "plain" and args.plain_steps is not None else args.steps
+    warmup = args.plain_warmup if side == "plain" and args.plain_warmup is not None else args.warmup
+    cmd = [sys.executable, __file__, "--worker", side, "--config", args.config, "--steps", str(steps),
+           "--warmup", str(warmup)] + (["--policy", args.policy] if args.policy else [])
+    for kv in args.set:
+        cmd += ["--set", kv]
+    for kv in args.plain:
+        cmd += ["--plain", kv]
+    print(f"running {side} ({warmup} warm-up + {steps} measured steps)"
+          + (f", repeat {rep + 1} of {args.repeats}" if args.repeats > 1 else "") + " ...", file=sys.stderr, flush=True)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
+    if r.returncode or line is None:
+        sys.stderr.write(r.stderr[-3000:])
+        raise UserError(f"the {side} side failed (exit {r.returncode}); its last output is above")
+    return json.loads(line[len("BENCH_RESULT "):])
+
+
+def median_result(rows: list[dict]) -> dict:
+    """One side's figures over its repeats: the median of each number (the lower middle one for an even count,
+    so that every figure is one that was measured), the first repeat's for anything else.
+
+    >>> median_result([{"x": 3.0, "d": "a"}, {"x": 1.0, "d": "b"}, {"x": 2.0, "d": "c"}])
+    {'x': 2.0, 'd': 'a'}
+    """
+    out = dict(rows[0])
+    for key, first in rows[0].items():
+        vals = [r.get(key) for r in rows]
+        if isinstance(first, (int, float)) and not isinstance(first, bool) and all(
+                isinstance(v, (int, float)) for v in vals):
+            out[key] = sorted(vals)[(len(vals) - 1) // 2]
+    return out
 
 
 if __name__ == "__main__":

@@ -881,3 +881,31 @@ def test_length_neutral_reaches_the_steps_advantages(tmp_path, processed, tiny_l
     curve = metrics_of(tmp_path)["train_curve"]
     assert [h["advantage_length_corr"] for h in curve] == [pytest.approx(-1.0)] * 2
     assert [h["advantage_length_corr_after"] for h in curve] == [pytest.approx(0.0, abs=1e-6)] * 2
+
+
+def test_bench_repeats_alternate_the_sides_and_report_medians(monkeypatch, capsys, tmp_path):
+    """--repeats N runs plain, ours, plain, ours, ... and reports each side's median figures beside every
+    repeat's wall-clock ratio (stand-in runs: no model is loaded)."""
+    from scripts import bench_grpo
+
+    order, speeds = [], {"plain": iter([0.40, 0.30, 0.35]), "ours": iter([1.6, 1.8, 2.0])}
+
+    def fake_run(args, side, rep):
+        order.append((side, rep))
+        v = next(speeds[side])
+        return {"side": side, "samples_per_s": v, "completions_per_step": 16, "per_device_batch": 8,
+                "gradient_checkpointing": False, "bf16": False, "model_dtype": "float32", "bound_dtype": "float32",
+                "bandwidth_gb_s": 50.0, "matmul_gflop_s": 150.0, "mean_reward": None}
+
+    monkeypatch.setattr(bench_grpo, "run_side", fake_run)
+    out = tmp_path / "bench.json"
+    bench_grpo.compare(bench_grpo.parse(["--repeats", "3", "--json", str(out)]))
+    assert order == [("plain", 0), ("ours", 0), ("plain", 1), ("ours", 1), ("plain", 2), ("ours", 2)]
+    printed = capsys.readouterr().out
+    assert "per repeat: 4.00x, 6.00x, 5.71x" in printed
+    res = json.loads(out.read_text())
+    assert res["plain"]["samples_per_s"] == 0.35 and res["ours"]["samples_per_s"] == 1.8  # the medians
+    assert "| samples/s (wall) | 0.350 | 1.800 | 5.14x |" in printed
+    assert [round(r, 2) for r in res["wall_ratios"]] == [4.0, 6.0, 5.71] and len(res["repeats"]["ours"]) == 3
+    with pytest.raises(UserError, match="--repeats: 0: expected 1 or more"):
+        bench_grpo.compare(bench_grpo.parse(["--repeats", "0"]))
