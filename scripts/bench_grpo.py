@@ -291,8 +291,10 @@ def compare(args) -> None:
     machine = machine_summary()
     print(f"machine: {format_machine(machine)}")
     if args.repeats > 1:
+        paired = sorted(r for r in wall if r is not None)
         print(f"medians of {args.repeats} alternating runs a side; wall-clock ratio ours / plain per repeat: "
-              + ", ".join("n/a" if r is None else f"{r:.2f}x" for r in wall))
+              + ", ".join("n/a" if r is None else f"{r:.2f}x" for r in wall)
+              + (f" (median {paired[(len(paired) - 1) // 2]:.2f}x)" if paired else ""))
     print(report(results))
     if args.json:
         extra = {"repeats": runs, "wall_ratios": wall} if args.repeats > 1 else {}

@@ -902,7 +902,7 @@ def test_bench_repeats_alternate_the_sides_and_report_medians(monkeypatch, capsy
     bench_grpo.compare(bench_grpo.parse(["--repeats", "3", "--json", str(out)]))
     assert order == [("plain", 0), ("ours", 0), ("plain", 1), ("ours", 1), ("plain", 2), ("ours", 2)]
     printed = capsys.readouterr().out
-    assert "per repeat: 4.00x, 6.00x, 5.71x" in printed
+    assert "per repeat: 4.00x, 6.00x, 5.71x (median 5.71x)" in printed
     res = json.loads(out.read_text())
     assert res["plain"]["samples_per_s"] == 0.35 and res["ours"]["samples_per_s"] == 1.8  # the medians
     assert "| samples/s (wall) | 0.350 | 1.800 | 5.14x |" in printed
