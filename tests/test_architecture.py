@@ -101,7 +101,7 @@ def test_importing_the_library_changes_nothing_in_the_process():
     ("2", "active", "ACTIVE"),  # what the user set is kept
 ])
 def test_configure_process_is_explicit_and_idempotent(world_size, preset, policy):
-    code = ("import os; from utils.core.runtime import configure_process; before = os.environ.get('OMP_WAIT_POLICY'); "
+    code = ("import os; from utils.core.runtime import configure_process; "
             "a = configure_process(); b = configure_process(); "
             f"assert a == b and a['omp_wait_policy'] == {policy!r}, a; "
             f"assert os.environ.get('OMP_WAIT_POLICY') == {None if policy == 'default' else preset or policy!r}; "
