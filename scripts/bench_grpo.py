@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -291,10 +292,10 @@ def compare(args) -> None:
     machine = machine_summary()
     print(f"machine: {format_machine(machine)}")
     if args.repeats > 1:
-        paired = sorted(r for r in wall if r is not None)
+        paired = [r for r in wall if r is not None]
         print(f"medians of {args.repeats} alternating runs a side; wall-clock ratio ours / plain per repeat: "
               + ", ".join("n/a" if r is None else f"{r:.2f}x" for r in wall)
-              + (f" (median {paired[(len(paired) - 1) // 2]:.2f}x)" if paired else ""))
+              + (f" (median {statistics.median_low(paired):.2f}x)" if paired else ""))
     print(report(results))
     if args.json:
         extra = {"repeats": runs, "wall_ratios": wall} if args.repeats > 1 else {}
@@ -333,7 +334,7 @@ def median_result(rows: list[dict]) -> dict:
         vals = [r.get(key) for r in rows]
         if isinstance(first, (int, float)) and not isinstance(first, bool) and all(
                 isinstance(v, (int, float)) for v in vals):
-            out[key] = sorted(vals)[(len(vals) - 1) // 2]
+            out[key] = statistics.median_low(vals)
     return out
 
 

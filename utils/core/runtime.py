@@ -59,12 +59,17 @@ def configure_process() -> dict[str, bool | str]:
     if not _CONFIGURED:
         if "torch" in sys.modules:
             log.debug("configure_process after torch was imported: the OpenMP wait policy may not take effect")
-        if "OMP_WAIT_POLICY" not in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        if "OMP_WAIT_POLICY" not in os.environ and launched_world_size() > 1:
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         _CONFIGURED["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "").upper() or "default"
         _CONFIGURED["malloc_tuned"] = _keep_freed_memory()
         logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     return dict(_CONFIGURED)
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started together (``WORLD_SIZE``: accelerate, torchrun), else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def set_threads(n: int) -> None:
@@ -81,7 +86,7 @@ def launched_processes(timeout_minutes: float | None = None):
     ``timeout_minutes``: how long a process waits for the others at a collective call (torch's default:
     10 minutes on GPUs, 30 on CPUs). Set the thread count after this call: accelerate's CPU setup resets it
     when OMP_NUM_THREADS is unset."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_world_size() <= 1:
         return None
     from datetime import timedelta
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.core.config import UserError
+from utils.core.runtime import launched_world_size
 
 GIB = 1024 ** 3
 # Architecture numbers of the recipe's model, from its public config.json, for a dry run on a machine that
@@ -49,7 +50,7 @@ class Layout:
 def world_size_of(requested: int = 0) -> int:
     """The processes a run has: ``requested`` when given (a dry run planning a launch), else the
     launcher's ``WORLD_SIZE`` (accelerate, torchrun), else 1."""
-    return requested or int(os.environ.get("WORLD_SIZE", "1"))
+    return requested or launched_world_size()
 
 
 def batch_layout(cfg) -> Layout:

@@ -117,10 +117,11 @@ def group_order(reward_model: str, run_dirs: list[str], data_dir: str, base_mode
     from utils.rewards.negatives import far_apart
     from utils.rewards.overlap import benchmark_score, load_wordnet
     from utils.rewards.reward_model import get_scorer
+    from utils.training.reward_model import pairwise_accuracy
 
     groups = logged_groups(run_dirs, data_dir)
     scorer, wordnet = get_scorer(reward_model, base_model), load_wordnet()
-    every, far, spread, bench_spread = [], [], [], []
+    kinds, chosen, rejected, spread, bench_spread = [], [], [], [], []
     for g in groups:
         n = len(g["answers"])
         paid = scorer.preference([None] * n, [g["user"]] * n, g["answers"], [g["reference"]] * n)
@@ -131,12 +132,14 @@ def group_order(reward_model: str, run_dirs: list[str], data_dir: str, base_mode
             spread.append(statistics.pstdev([paid[i] for i in ok]))
             bench_spread.append(statistics.pstdev([bench[i] for i in ok]))
         for i, j in combinations(ok, 2):
-            if bench[i] == bench[j]:
-                continue
-            alike = 1.0 if (paid[i] - paid[j]) * (bench[i] - bench[j]) > 0 else 0.5 if paid[i] == paid[j] else 0.0
-            every.append(alike)
-            if far_apart(bench[i], bench[j], words[i], words[j]):
-                far.append(alike)
+            if bench[i] != bench[j]:  # the benchmark's better answer is the pair's chosen one
+                better, worse = (i, j) if bench[i] > bench[j] else (j, i)
+                kinds.append({"type": "far" if far_apart(bench[i], bench[j], words[i], words[j]) else "close"})
+                chosen.append(paid[better])
+                rejected.append(paid[worse])
+    acc = pairwise_accuracy(kinds, chosen, rejected)
     mean = (lambda xs: round(statistics.mean(xs), 4) if xs else None)
-    return {"reward_model": reward_model, "groups": len(groups), "pairs": len(every), "accuracy": mean(every),
-            "far_pairs": len(far), "far_accuracy": mean(far), "spread": mean(spread), "benchmark_spread": mean(bench_spread)}
+    return {"reward_model": reward_model, "groups": len(groups), "pairs": len(kinds),
+            "accuracy": acc.get("overall", {}).get("accuracy"), "far_pairs": acc.get("far", {}).get("pairs", 0),
+            "far_accuracy": acc.get("far", {}).get("accuracy"), "spread": mean(spread),
+            "benchmark_spread": mean(bench_spread)}
