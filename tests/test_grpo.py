@@ -364,7 +364,8 @@ def test_length_neutral_advantages_leave_nothing_for_length_alone():
 @pytest.mark.parametrize("dora", [False, True])
 def test_merged_adapter_round_trip(tiny_llama, dora):
     """Sampling with the merged adapter computes the adapter's function, with the weights PEFT's merge gives
-    (our fused merge for vanilla LoRA, PEFT's own for DoRA), and un-merging restores the weights."""
+    (our fused merge for vanilla LoRA, PEFT's own for DoRA), and leaving the block restores the weights:
+    vanilla LoRA's to the bit, over many rounds with an adapter that changes between them."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -396,10 +397,19 @@ def test_merged_adapter_round_trip(tiny_llama, dora):
         model.unmerge_adapter()
         with merged_adapter(model):
             model.unmerge_adapter()  # un-merged inside the block: leaving it must not subtract the update again
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if n in before}
+        for _ in range(20):  # GRPO's rounds: sample merged, then a training step moves the adapter
+            with merged_adapter(model):
+                pass
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.data.add_(torch.randn_like(p), alpha=0.01)
     assert torch.allclose(ref, merged, atol=1e-4) and torch.allclose(ref, after, atol=1e-5)
     for n, p in model.named_parameters():
         if n in before:
-            assert torch.allclose(p, before[n], atol=1e-6), n
+            assert torch.allclose(p, before[n], atol=1e-6), n  # PEFT's own merge and unmerge ran above
+            # PEFT's unmerge (DoRA) subtracts the update again, back to rounding only; ours restores the bits
+            assert dora or torch.equal(p, start[n]), n
 
 
 # ============================================================================= held-out bookkeeping

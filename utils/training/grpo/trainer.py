@@ -35,9 +35,14 @@ log = logging.getLogger(__name__)
 def merged_adapter(model):
     """Sample with the LoRA update merged into the base weights: the per-token adapter matmuls go away.
 
-    Only for fp32 weights: un-merging subtracts the same update again, exact to fp32 rounding (about
-    1e-7 relative per round, far below what training moves); with bf16 or 4-bit weights the round trip
-    would lose precision, so those generate with the adapter as it is. Not under ZeRO-3 (sharded weights).
+    Vanilla LoRA (the recipes') merges into new tensors, ``W + s * B @ A``, that stand in for each base
+    weight during the block; leaving it puts the frozen weight back as it was, to the bit. Subtracting the
+    update again, as PEFT's unmerge does, would not: fp32 rounding moved about half of a weight's elements
+    by ~2e-9 over 60 GRPO steps (docs/EXPERIMENTS.md), so the base drifted from ``models/base``. The price
+    is a second copy of the adapted weights while sampling (~0.4 GB for SmolLM2-135M). Other adapters
+    (DoRA, replicated layers) take PEFT's merge and unmerge. Only for fp32 weights: with bf16 or 4-bit
+    weights PEFT's round trip would lose precision, so those generate with the adapter as it is. Not under
+    ZeRO-3 (sharded weights).
     """
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -56,14 +61,14 @@ def merged_adapter(model):
     if plain is None:
         model.merge_adapter()
     else:
-        _add_lora(plain, +1)
+        frozen = _merge_lora(plain)
     try:
         yield model
     finally:
         if plain is None:
             model.unmerge_adapter()
         else:
-            _add_lora(plain, -1)
+            _restore(plain, frozen)
 
 
 def _plain_lora(layers) -> list[tuple[Any, str]] | None:
@@ -90,22 +95,30 @@ def _plain_lora(layers) -> list[tuple[Any, str]] | None:
     return out
 
 
-def _add_lora(pairs, sign: int) -> None:
-    """PEFT's merge (``sign`` +1) or unmerge (-1) of vanilla LoRA adapters, as one fused ``W += s * B @ A`` a
-    layer: PEFT's weights to rounding (bit for bit on the machine of docs/EXPERIMENTS.md), in 0.11-0.16 s for
-    both against PEFT's 0.38 s (SmolLM2, LoRA on every linear layer, 2 threads; PEFT computes the update,
-    scales it and adds it in three passes)."""
+def _merge_lora(pairs) -> dict:
+    """Merge vanilla LoRA adapters as PEFT's merge does, but each layer's ``W + s * B @ A`` into a new tensor
+    (one fused product a layer: PEFT's weights to rounding, ~3x faster than PEFT's three passes) that the
+    base weight's parameter holds until :func:`_restore`. Returns ``{layer: its frozen weight's tensor}``."""
     import torch
 
+    frozen = {}
     with torch.no_grad():
         for m, name in pairs:
-            if sign < 0 and name not in m.merged_adapters:  # un-merged meanwhile (PEFT's unmerge): nothing to undo
-                continue
-            m.get_base_layer().weight.addmm_(m.lora_B[name].weight, m.lora_A[name].weight, alpha=sign * m.scaling[name])
-            if sign > 0:
-                m.merged_adapters.append(name)
-            else:
-                m.merged_adapters.remove(name)
+            w = m.get_base_layer().weight
+            frozen.setdefault(m, w.data)
+            w.data = torch.addmm(w.data, m.lora_B[name].weight, m.lora_A[name].weight, alpha=m.scaling[name])
+            m.merged_adapters.append(name)
+    return frozen
+
+
+def _restore(pairs, frozen: dict) -> None:
+    """Undo :func:`_merge_lora`: each base weight's own tensor back, untouched; nothing to subtract (so an
+    adapter that PEFT's unmerge took out meanwhile is handled too)."""
+    for m, name in pairs:
+        if name in m.merged_adapters:
+            m.merged_adapters.remove(name)
+    for m, data in frozen.items():
+        m.get_base_layer().weight.data = data
 
 
 def generate_grouped(model, prompt_ids: list[list[int]], generation_config, pad_token_id: int) -> "Any":
