@@ -22,8 +22,10 @@ completion length and the same rewards:
 After ``--warmup`` steps it measures ``--steps`` optimizer steps and prints, for both: completions
 (samples) per second (wall clock and per CPU-second, which is less sensitive to other processes on a
 shared machine), generated tokens per second, the share of step time spent generating, generation
-throughput as a fraction of the machine's bound (memory bandwidth / weight bytes per decode step times
-the rows decoded together, capped by matmul FLOP/s, both measured at start), peak resident memory, and
+throughput as a fraction of the machine's bound for the completions sampled (each decode step reads the
+weights once, for as many steps as each batch's longest completion, and each token costs 2 FLOPs a weight:
+memory bandwidth and matmul FLOP/s, both measured at start; utils.core.runtime.completions_bound) and, beside
+it, of the bound had every row run to the end (the batch's rows per step), peak resident memory, and
 the mean reward of the measured steps, and each side's OpenMP wait policy (both the runtime's default
 unless OMP_WAIT_POLICY is set, as grpo_train.py runs alone); then the ratios ours / plain.
 """
@@ -43,7 +45,7 @@ from pathlib import Path
 
 from utils.core.cli import guarded, setup_logging
 from utils.core.config import UserError, load_config
-from utils.core.runtime import configure_process, decode_bound, machine_bound
+from utils.core.runtime import completions_bound, configure_process, decode_bound, machine_bound
 from utils.models.decode import resolve_decode_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +97,7 @@ class Meter:
     def __init__(self, trainer, warmup: int):
         self.tr, self.warmup = trainer, warmup
         self.gen_s = self.reward_s = 0.0
-        self.tokens = self.rows = self.calls = 0
+        self.tokens = self.rows = self.calls = self.longest = 0
         self.step_s: list[float] = []
         self.cpu_s = 0.0
         self._t = self._c = None
@@ -109,6 +111,7 @@ class Meter:
                 self.tokens += sum(len(c) for c in ids)
                 self.rows += len(ids)
                 self.calls += 1
+                self.longest += max((len(c) for c in ids), default=0)  # the batch's decode steps
             return ids, lp
 
         def timed_rewards(*a, **k):
@@ -197,6 +200,7 @@ def worker(args) -> dict:
     rows_per_call = meter.rows / max(meter.calls, 1)
     gen_tps = meter.tokens / meter.gen_s if meter.gen_s else 0.0
     tps_bound = decode_bound(model, rows_per_call, bound, gen_dtype)
+    sampled_bound = completions_bound(model, meter.longest, meter.tokens, bound, gen_dtype)
     return {
         "side": side, "steps": steps, "completions_per_step": per_step,
         "per_device_batch": targs.per_device_train_batch_size,
@@ -209,7 +213,11 @@ def worker(args) -> dict:
         "gen_share": meter.gen_s / wall if wall else 0.0, "reward_share": meter.reward_s / wall if wall else 0.0,
         "gen_tokens_per_s": gen_tps, "rows_per_generate": rows_per_call,
         "mean_completion_tokens": meter.tokens / max(meter.rows, 1),
-        "bound_tokens_per_s": tps_bound, "gen_fraction_of_bound": gen_tps / tps_bound if tps_bound else 0.0,
+        "longest_completion_tokens": meter.longest / max(meter.calls, 1),
+        "bound_tokens_per_s": sampled_bound,
+        "gen_fraction_of_bound": gen_tps / sampled_bound if sampled_bound else 0.0,
+        "full_rows_bound_tokens_per_s": tps_bound,
+        "gen_fraction_of_full_rows_bound": gen_tps / tps_bound if tps_bound else 0.0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         # PASSIVE (for processes sharing cores) costs a process alone on them ~20% (docs/EXPERIMENTS.md)
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
@@ -226,8 +234,11 @@ ROWS = [("completions per optimizer step", "completions_per_step", "{:.0f}"),
         ("reward share of step", "reward_share", "{:.0%}"),
         ("generated tokens/s", "gen_tokens_per_s", "{:.0f}"), ("rows per generate call", "rows_per_generate", "{:.0f}"),
         ("mean completion tokens", "mean_completion_tokens", "{:.1f}"),
-        ("tokens/s bound (bandwidth, FLOP/s)", "bound_tokens_per_s", "{:.0f}"),
+        ("longest completion a call (decode steps)", "longest_completion_tokens", "{:.1f}"),
+        ("tokens/s bound for these completions", "bound_tokens_per_s", "{:.0f}"),
         ("tokens/s as fraction of bound", "gen_fraction_of_bound", "{:.0%}"),
+        ("tokens/s bound, every row to the end", "full_rows_bound_tokens_per_s", "{:.0f}"),
+        ("tokens/s as fraction of that bound", "gen_fraction_of_full_rows_bound", "{:.0%}"),
         ("peak RSS (MiB)", "peak_rss_mb", "{:.0f}"), ("mean reward (measured steps)", "mean_reward", "{:.3f}"),
         ("measured bandwidth GB/s / matmul GFLOP/s (dtype)", None, None), ("OpenMP wait policy", None, None)]
 

@@ -659,6 +659,28 @@ def test_bench_eval_measures_against_the_bound_of_the_decode_dtype(tmp_path, tin
     assert [row[0] for row in rows] == ["1", "2"] and all(row[-1] == "decode" for row in rows)
 
 
+def test_completions_bound_counts_every_step_of_the_longest_completion():
+    """The bound on sampled completions: each decode step reads all weights whatever the rows still going,
+    each token costs 2 FLOPs a weight; LoRA weights do not count (merged). Against the bound of every row
+    going on to the end, it is lower by the rows' mean use when bandwidth binds, equal when FLOPs bind."""
+    import torch
+
+    from utils.core.runtime import completions_bound, decode_bound
+
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1000, bias=False))  # 1e6 fp32 weights, 4 MB
+    model.register_parameter("lora_A", torch.nn.Parameter(torch.zeros(10**6)))  # not read by the decoder
+    bound = {"bandwidth_gb_s": 4.0, "matmul_gflop_s": 2.0}  # a step 1 ms; a token 1 ms
+    # 16 rows, the longest 100 tokens, 400 tokens in all: 100 steps of 1 ms (bandwidth) < 400 tokens of 1 ms
+    assert completions_bound(model, 100, 400, bound) == pytest.approx(1000.0)
+    assert decode_bound(model, 16, bound) == pytest.approx(1000.0)  # FLOPs bind: the same
+    slow_products = {"bandwidth_gb_s": 4.0, "matmul_gflop_s": 20.0}  # a token 0.1 ms: bandwidth binds
+    assert completions_bound(model, 100, 400, slow_products) == pytest.approx(4000.0)  # 4 rows a step on average
+    assert decode_bound(model, 16, slow_products) == pytest.approx(10000.0)  # as if 16 rows to the end
+    assert completions_bound(model, 0, 0, bound) == 0.0
+    # a bf16 decoder reads half the bytes
+    assert completions_bound(model, 100, 400, slow_products, torch.bfloat16) == pytest.approx(8000.0)
+
+
 def test_machine_bound_takes_the_best_of_its_trials(monkeypatch):
     """The bound is a peak: of three timed trials (copies 2 s, 1 s, 4 s; products 1 s, 0.5 s, 2 s), the fastest
     counts, so that one slow trial on a noisy machine does not lower the bound the benchmarks divide by."""

@@ -184,13 +184,32 @@ def machine_bound(dtype, device: str = "cpu", trials: int = 5) -> dict:
     return {"bandwidth_gb_s": round(bw, 1), "matmul_gflop_s": round(flops, 1)}
 
 
+def _weight_size(model, dtype=None) -> tuple[int, int]:
+    """(bytes, count) of the weights a decode step reads: all but the LoRA ones (merged for generation),
+    at ``dtype``'s size when the decoder multiplies in another dtype than the weights' own."""
+    params = [p for n, p in model.named_parameters() if "lora_" not in n]
+    size = None if dtype is None else dtype.itemsize
+    return sum(p.numel() * (size or p.element_size()) for p in params), sum(p.numel() for p in params)
+
+
 def decode_bound(model, rows: float, bound: dict, dtype=None) -> float:
     """Tokens/s a decoder of ``model`` could reach with ``rows`` sequences decoded together: one decode
     step reads every weight once for all rows (bandwidth) and costs 2 FLOPs per weight per row (matmul
     speed); the lower of the two. LoRA weights are not counted (merged for generation). ``dtype``: the dtype
     the decoder multiplies in, when not the weights' own (``bound`` must be measured in it too)."""
-    params = [p for n, p in model.named_parameters() if "lora_" not in n]
-    size = None if dtype is None else dtype.itemsize
-    weight_bytes = sum(p.numel() * (size or p.element_size()) for p in params)
-    n_params = sum(p.numel() for p in params)
+    weight_bytes, n_params = _weight_size(model, dtype)
     return min(rows * bound["bandwidth_gb_s"] * 1e9 / weight_bytes, bound["matmul_gflop_s"] * 1e9 / (2 * n_params))
+
+
+def completions_bound(model, steps: int, tokens: int, bound: dict, dtype=None) -> float:
+    """Tokens/s a decoder of ``model`` could reach on completions sampled together in batches whose longest
+    completions sum to ``steps`` tokens, all completions to ``tokens``: every decode step reads every weight
+    once, however few rows are still going (bandwidth), and every token costs 2 FLOPs a weight (matmul
+    speed); the time is at least the larger of the two. :func:`decode_bound` at the batch's rows assumes
+    every row goes on to the end; on-policy sampling (GRPO) cannot refill the rows that finish, so the steps
+    of a batch's longest completion at a few rows are part of any decoder's work. Taking the larger of the
+    two sums, rather than the sum of each step's larger one, errs towards a higher bound."""
+    weight_bytes, n_params = _weight_size(model, dtype)
+    seconds = max(steps * weight_bytes / (bound["bandwidth_gb_s"] * 1e9),
+                  tokens * 2 * n_params / (bound["matmul_gflop_s"] * 1e9))
+    return tokens / seconds if seconds else 0.0
