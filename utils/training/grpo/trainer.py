@@ -97,8 +97,9 @@ def _plain_lora(layers) -> list[tuple[Any, str]] | None:
 
 def _merge_lora(pairs) -> dict:
     """Merge vanilla LoRA adapters as PEFT's merge does, but each layer's ``W + s * B @ A`` into a new tensor
-    (one fused product a layer: PEFT's weights to rounding, ~3x faster than PEFT's three passes) that the
-    base weight's parameter holds until :func:`_restore`. Returns ``{layer: its frozen weight's tensor}``."""
+    (one fused product a layer, where PEFT computes the update, scales it and adds it in three passes; PEFT's
+    weights to rounding) that the base weight's parameter holds until :func:`_restore`. Returns ``{layer: its
+    frozen weight's tensor}``."""
     import torch
 
     frozen = {}
