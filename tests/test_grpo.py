@@ -793,7 +793,8 @@ def test_bench_runs_both_sides(tmp_path, processed, tiny_llama):
         assert side["peak_rss_mb"] > 0 and side["gen_fraction_of_bound"] > 0
         # the completions' own bound counts the tail that on-policy batches cannot refill: never above the
         # bound of every row going on to the end, as many steps as the longest completion needs
-        assert side["full_rows_bound_tokens_per_s"] >= side["bound_tokens_per_s"] > 0
+        # (equal where FLOPs bind, each computed its own way: to rounding)
+        assert side["full_rows_bound_tokens_per_s"] * (1 + 1e-9) >= side["bound_tokens_per_s"] > 0
         assert side["longest_completion_tokens"] >= side["mean_completion_tokens"]
     # each side's bound in the dtype it generates in: ours bf16 products, plain TRL's autocast (or fp32)
     assert res["ours"]["bound_dtype"] == "bfloat16"
